@@ -1,0 +1,89 @@
+import pytest
+
+import train as cli
+import vqvae
+
+
+def test_defaults_yaml_flags_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("codebook_size: 64\nlr: 3e-3\nquantizer: ba_vq\n")
+    cfg, _, _ = cli.parse(["--config", str(path), "--codebook_size", "128"])
+    assert cfg.codebook_size == 128          # flag beats YAML
+    assert cfg.lr == pytest.approx(3e-3)      # YAML's '3e-3' (a string to PyYAML) read as a float
+    assert cfg.quantizer == "ba_vq"
+    assert cfg.batch_size == vqvae.Config().batch_size  # default
+
+
+def test_arch_presets_fill_empty_sizes():
+    assert (vqvae.load_config().n_hid, vqvae.load_config().latent_dim) == (64, 64)
+    cfg = vqvae.load_config(overrides=dict(arch="resnet"))
+    assert (cfg.n_hid, cfg.latent_dim) == (128, 256)
+    assert vqvae.load_config(overrides=dict(arch="resnet", latent_dim=32)).latent_dim == 32
+
+
+def test_misspelt_yaml_key_names_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("codebok_size: 64\n")
+    with pytest.raises(vqvae.VQVAEError, match="'codebok_size'.*did you mean 'codebook_size'"):
+        vqvae.load_config(path)
+
+
+def test_misspelt_flag_names_the_nearest():
+    with pytest.raises(vqvae.VQVAEError, match="--beta_strat.*did you mean '--beta_start'"):
+        cli.parse(["--beta_strat", "1.0"])
+
+
+def test_bool_flags():
+    assert cli.parse(["--no_wandb"])[0].wandb is False
+    assert cli.parse(["--wandb"])[0].wandb is True
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(codebook_size=0), "codebook_size must be ≥ 1"),
+    (dict(beta_start=0), "beta_start must be a finite number > 0"),
+    (dict(beta_end=-1.0), "beta_end must be a finite number > 0"),
+    (dict(ba_iters=0), "ba_iters must be ≥ 1"),
+    (dict(lr=0), "lr must be a finite number > 0"),
+    (dict(lr="nan"), "lr must be a finite number > 0"),
+    (dict(quantizer="vq_emma"), "did you mean 'vq_ema'"),
+    (dict(arch="resnt"), "did you mean 'resnet'"),
+    (dict(dataset="cifar"), "did you mean 'cifar10'"),
+    (dict(codebook_size="abc"), "codebook_size: expected int, got 'abc'"),
+    (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+    (dict(device="gpu"), "device: unknown value 'gpu'"),
+])
+def test_invalid_values_are_rejected(overrides, match):
+    with pytest.raises(vqvae.VQVAEError, match=match):
+        vqvae.load_config(overrides=overrides)
+
+
+def test_reverse_annealing_is_allowed():
+    cfg = vqvae.load_config(overrides=dict(beta_start=3.0, beta_end=0.5))
+    assert vqvae.beta_at(0, 10, 5, cfg) == pytest.approx(3.0)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(vqvae.VQVAEError, match="must hold a mapping"):
+        vqvae.load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(vqvae.VQVAEError, match="config file not found"):
+        vqvae.load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert vqvae.load_config(root / "config.yaml").arch == "resnet"
+    assert vqvae.load_config(root / "config_mac.yaml").arch == "small"
+
+
+def test_every_key_is_a_flag_with_help():
+    parser = cli.build_parser()
+    for key in vqvae.CONFIG_KEYS:
+        action = parser._option_string_actions[f"--{key}"]
+        assert action.help and len(action.help) > 10

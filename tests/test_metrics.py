@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+import vqvae
+
+
+def test_perplexity_of_uniform_histogram_is_K():
+    assert vqvae.perplexity(torch.full((64,), 7)) == pytest.approx(64)
+
+
+def test_perplexity_of_one_code_is_one():
+    counts = torch.zeros(64, dtype=torch.long)
+    counts[5] = 100
+    assert vqvae.perplexity(counts) == pytest.approx(1.0)
+
+
+def test_perplexity_two_codes_hand_computed():
+    # p = (0.25, 0.75): H = -(0.25 ln 0.25 + 0.75 ln 0.75)
+    counts = torch.tensor([1, 3, 0, 0])
+    expected = math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert vqvae.perplexity(counts) == pytest.approx(expected)
+
+
+def test_usage_and_dead_codes():
+    counts = torch.tensor([0, 2, 0, 5, 1, 0, 0, 0])
+    m = vqvae.codebook_metrics(counts)
+    assert m["usage_rate"] == pytest.approx(3 / 8)
+    assert m["dead_codes"] == 5
+
+
+def test_code_histogram_counts_every_index():
+    idx = torch.tensor([[0, 1], [1, 3]])
+    assert vqvae.code_histogram(idx, 5).tolist() == [1, 2, 0, 1, 0]
+
+
+def test_psnr_minus_legacy_is_20_log10_2():
+    m = vqvae.reconstruction_metrics(sse_pm1=123.4, n_values=1000)
+    assert m["psnr"] - m["psnr_legacy"] == pytest.approx(20 * math.log10(2))
+
+
+def test_reconstruction_metrics_in_pixel_space():
+    # every [-1, 1] value off by 0.2 → off by 0.1 in [0, 1] → mse 0.01 → psnr 20 dB
+    x = torch.zeros(2, 3, 4, 4)
+    m = vqvae.reconstruction_metrics(((x + 0.2) - x).pow(2).sum().item(), x.numel())
+    assert m["mse"] == pytest.approx(0.01)
+    assert m["psnr"] == pytest.approx(20.0)
+
+
+def test_evaluate_is_dataset_level_not_batch_average():
+    """Codebook metrics come from one histogram over all validation codes: the result must not
+    depend on the evaluation batch size."""
+    cfg = vqvae.load_config(overrides=dict(n_hid=8, latent_dim=4, codebook_size=16))
+    model = vqvae.VQVAE(cfg)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    a = vqvae.evaluate(model, x, batch_size=7)
+    b = vqvae.evaluate(model, x, batch_size=40)
+    assert a["perplexity"] == pytest.approx(b["perplexity"])
+    assert a["usage_rate"] == b["usage_rate"]
+    assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-5)

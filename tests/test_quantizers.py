@@ -1,0 +1,292 @@
+import math
+
+import pytest
+import torch
+
+import vqvae
+
+
+def make(quantizer, **overrides):
+    cfg = vqvae.load_config(overrides=dict(quantizer=quantizer, codebook_size=16, latent_dim=4) | overrides)
+    return vqvae.make_quantizer(cfg)
+
+
+def latents(B=2, D=4, H=3, W=3, scale=1.0, requires_grad=False):
+    return (torch.randn(B, D, H, W) * scale).requires_grad_(requires_grad)
+
+
+def lookup(codebook, idx):
+    """The codebook rows of idx (B, H, W), laid out as z_q (B, D, H, W)."""
+    return codebook[idx].permute(0, 3, 1, 2)
+
+
+# --- VQ-EMA ----------------------------------------------------------------------------------
+
+
+def test_vq_ema_straight_through_gradient_reaches_z_e():
+    q = make("vq_ema").train()
+    z_e = latents(requires_grad=True)
+    z_q, _, _ = q(z_e)
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward()
+    assert torch.allclose(z_e.grad, upstream)
+
+
+def test_vq_ema_commitment_gradient_pulls_z_e_to_its_code():
+    q = make("vq_ema", commitment_weight=0.5).eval()
+    z_e = latents(requires_grad=True)
+    z_q, losses, _ = q(z_e)
+    losses["commitment"].backward()
+    expected = 0.5 * 2 * (z_e - z_q).detach() / z_e.numel()
+    assert torch.allclose(z_e.grad, expected, atol=1e-7)
+
+
+def test_vq_ema_update_equals_hand_computation():
+    q = make("vq_ema", codebook_size=2, latent_dim=2, ema_decay=0.5, ema_eps=1e-5).train()
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.embed_sum.copy_(q.codebook)
+    # three vectors: two nearest code 0, one nearest code 1
+    z_e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]).t().reshape(1, 2, 1, 3)
+    _, _, idx = q(z_e)
+    assert idx.flatten().tolist() == [0, 0, 1]
+    # cluster_size = 0.5·1 + 0.5·(2, 1) = (1.5, 1.0); embed_sum = 0.5·old + 0.5·(sums) = ((.5,.5), (9.5,9.5))
+    # Laplace: n = 2.5, smoothed_k = (size_k + eps) / (n + 2·eps) · n
+    eps, n = 1e-5, 2.5
+    smoothed = [(1.5 + eps) / (n + 2 * eps) * n, (1.0 + eps) / (n + 2 * eps) * n]
+    expected = torch.tensor([[0.5 / smoothed[0]] * 2, [9.5 / smoothed[1]] * 2])
+    assert torch.allclose(q.cluster_size, torch.tensor([1.5, 1.0]))
+    assert torch.allclose(q.codebook, expected, atol=1e-6)
+
+
+def test_vq_ema_codebook_does_not_move_in_eval():
+    q = make("vq_ema").eval()
+    before = q.codebook.clone()
+    q(latents())
+    assert torch.equal(q.codebook, before)
+
+
+def test_vq_ema_index_is_nearest_code():
+    q = make("vq_ema").eval()
+    z_e = latents()
+    _, _, idx = q(z_e)
+    d = vqvae.squared_distances(vqvae.flatten_latents(z_e), q.codebook)
+    assert torch.equal(idx.flatten(), d.argmin(1))
+
+
+# --- BA ----------------------------------------------------------------------------------------
+
+
+def ba(beta=1.0, **overrides):
+    q = make("ba_vq", **overrides).train()
+    with torch.no_grad():
+        q.codebook.normal_()
+    q.beta = beta
+    return q
+
+
+def test_ba_rows_sum_to_one():
+    q = ba(beta=2.0, ba_iters=3)
+    z = vqvae.flatten_latents(latents())
+    p, Q = q.assign(z, q.codebook)
+    assert torch.allclose(p.sum(1), torch.ones(len(z)))
+    assert Q.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ba_m_step_is_batch_mean_and_drops_only_a_row_constant():
+    """Two iterations by hand with the full squared distance: E with uniform Q, M: Q = mean p, E again."""
+    q = ba(beta=1.5, ba_iters=2)
+    z = vqvae.flatten_latents(latents())
+    d = vqvae.squared_distances(z, q.codebook)
+    K = q.codebook_size
+    p1 = torch.softmax(math.log(1 / K) - 1.5 * d, dim=1)
+    Q1 = p1.mean(0)
+    p2 = torch.softmax(Q1.log() - 1.5 * d, dim=1)
+    p, Q = q.assign(z, q.codebook)
+    assert torch.allclose(p, p2, atol=1e-5)
+    assert torch.allclose(Q, p2.mean(0), atol=1e-6)
+
+
+def test_ba_large_beta_reproduces_argmin():
+    q = ba(beta=1e4)
+    z = vqvae.flatten_latents(latents())
+    p, _ = q.assign(z, q.codebook)
+    nearest = vqvae.squared_distances(z, q.codebook).argmin(1)
+    assert torch.equal(p.argmax(1), nearest)
+    assert torch.allclose(p.max(1).values, torch.ones(len(z)), atol=1e-4)
+
+
+def test_ba_zero_beta_with_fixed_prior_returns_the_prior():
+    q = ba(beta=1e-9, ba_prior="running")
+    Q = torch.rand(q.codebook_size) + 0.1
+    q.prior.copy_(Q / Q.sum())
+    p, _ = q.assign(vqvae.flatten_latents(latents()), q.codebook)
+    assert torch.allclose(p, q.prior.expand_as(p), atol=1e-6)
+
+
+def test_ba_beta_10_with_distances_1e4_stays_finite():
+    q = ba(beta=10.0, ba_iters=3)
+    z_e = latents(scale=60.0, requires_grad=True)  # squared distances to the N(0,1) codes ~ 1e4
+    d = vqvae.squared_distances(vqvae.flatten_latents(z_e.detach()), q.codebook)
+    assert d.mean() > 5e3
+    z_q, losses, _ = q(z_e)
+    total = sum(losses.values()) + z_q.square().mean()
+    total.backward()
+    assert torch.isfinite(total)
+    assert torch.isfinite(z_e.grad).all() and torch.isfinite(q.codebook.grad).all()
+
+
+def test_ba_hard_output_is_the_argmax_code_and_soft_is_the_expectation():
+    z_e = latents()
+    hard = ba(beta=0.7, ba_output="hard")
+    z_q, _, idx = hard(z_e)
+    assert torch.allclose(z_q, lookup(hard.codebook, idx), atol=1e-6)
+
+    soft = ba(beta=0.7, ba_output="soft")
+    z_q, _, _ = soft(z_e)
+    p, _ = soft.assign(vqvae.flatten_latents(z_e), soft.codebook)
+    assert torch.allclose(vqvae.flatten_latents(z_q), p @ soft.codebook, atol=1e-6)
+
+
+def test_ba_hard_output_carries_the_soft_gradient():
+    q = ba(beta=0.7)
+    z_e = latents(requires_grad=True)
+    z_q, _, _ = q(z_e)
+    z_q.sum().backward()
+    assert z_e.grad.abs().sum() > 0 and q.codebook.grad.abs().sum() > 0
+
+
+def test_ba_running_prior_is_an_ema_of_the_batch_marginal():
+    q = ba(beta=1.0, ba_prior="running", ba_prior_decay=0.9)
+    z_e = latents()
+    before = q.prior.clone()
+    _, Q = q.assign(vqvae.flatten_latents(z_e), q.codebook)
+    q(z_e)
+    assert torch.allclose(q.prior, 0.9 * before + 0.1 * Q.detach(), atol=1e-7)
+
+
+def test_ba_ema_codebook_update_uses_soft_counts():
+    q = ba(beta=1.0, ba_codebook_update="ema", ema_decay=0.5)
+    z_e = latents(requires_grad=True)
+    z = vqvae.flatten_latents(z_e.detach())
+    p, _ = q.assign(z, q.codebook)
+    size0, sum0 = q.cluster_size.clone(), q.embed_sum.clone()
+    z_q, losses, _ = q(z_e)
+    (sum(losses.values()) + z_q.sum()).backward()  # the in-place EMA must not break autograd
+    assert torch.allclose(q.cluster_size, 0.5 * size0 + 0.5 * p.sum(0), atol=1e-5)
+    assert torch.allclose(q.embed_sum, 0.5 * sum0 + 0.5 * p.t() @ z, atol=1e-5)
+    assert "codebook" not in losses and not q.codebook.requires_grad
+
+
+def test_ba_entropy_loss_is_minus_weighted_entropy_of_Q():
+    q = ba(beta=1.0, entropy_weight=0.3)
+    z_e = latents()
+    _, Q = q.assign(vqvae.flatten_latents(z_e), q.codebook)
+    _, losses, _ = q(z_e)
+    assert losses["entropy"].item() == pytest.approx(0.3 * (Q * Q.log()).sum().item(), rel=1e-5)
+
+
+def saved_nk_tensors(q, z_e, n_rows, K):
+    """Distinct tensors of at least N×K elements that autograd keeps for the backward pass."""
+    kept = {}
+
+    def pack(t):
+        if t.numel() >= n_rows * K:
+            kept[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(z_e)
+    return len(kept)
+
+
+@pytest.mark.parametrize("iters", [1, 5])
+def test_ba_keeps_one_nk_matrix_for_backward_whatever_ba_iters(iters):
+    q = ba(beta=1.0, ba_iters=iters, codebook_size=256)
+    z_e = latents(B=4, H=8, W=8, requires_grad=True)
+    assert saved_nk_tensors(q, z_e, 4 * 64, 256) == 1
+
+
+def test_vq_ema_keeps_no_nk_matrix_for_backward():
+    q = make("vq_ema", codebook_size=256).train()
+    z_e = latents(B=4, H=8, W=8, requires_grad=True)
+    assert saved_nk_tensors(q, z_e, 4 * 64, 256) == 0
+
+
+# --- both ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantizer,extra", [("vq_ema", {}), ("ba_vq", {}), ("ba_vq", {"ba_prior": "running"})])
+def test_eval_output_is_the_codebook_lookup_of_the_indices(quantizer, extra):
+    q = make(quantizer, **extra)
+    if quantizer == "ba_vq":
+        q.train()(latents())  # move the running prior away from uniform
+    q.eval()
+    z_q, _, idx = q(latents())
+    assert idx.shape == (2, 3, 3) and idx.dtype == torch.long
+    assert torch.equal(z_q, lookup(q.codebook, idx))
+
+
+def test_ba_eval_code_with_running_prior_is_map_assignment():
+    q = ba(beta=2.0, ba_prior="running")
+    Q = torch.rand(q.codebook_size)
+    q.prior.copy_(Q / Q.sum())
+    q.eval()
+    z_e = latents()
+    _, _, idx = q(z_e)
+    z = vqvae.flatten_latents(z_e)
+    expected = (q.prior.log() - 2.0 * vqvae.squared_distances(z, q.codebook)).argmax(1)
+    assert torch.equal(idx.flatten(), expected)
+
+
+@pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
+def test_quantizer_math_stays_fp32_under_bf16_autocast(quantizer):
+    q = make(quantizer).train()
+    z_e = latents().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, losses, _ = q(z_e)
+    assert z_q.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+@pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
+def test_gradient_reaches_the_encoder(quantizer):
+    cfg = vqvae.load_config(overrides=dict(quantizer=quantizer, codebook_size=16, n_hid=8, latent_dim=4))
+    model = vqvae.VQVAE(cfg).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, losses, _ = model(x)
+    losses["recon"].backward()
+    first_conv = model.encoder[0].weight
+    assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+
+
+def test_nearest_code_chunks_agree_with_the_full_matrix(monkeypatch):
+    z, codebook = torch.randn(300, 5), torch.randn(40, 5)
+    full = vqvae.squared_distances(z, codebook).argmin(1)
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 40 * 7)  # 7 rows per chunk
+    assert torch.equal(vqvae.nearest_code(z, codebook), full)
+
+
+def test_kmeans_finds_separated_clusters():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(100, 2) for c in centres])
+    found = vqvae.kmeans(x, 3, iters=5, generator=torch.Generator().manual_seed(0))
+    # each true centre has a found centre within 0.1
+    assert vqvae.squared_distances(centres, found).min(1).values.max() < 0.01
+
+
+def test_kmeans_needs_at_least_k_vectors():
+    with pytest.raises(vqvae.VQVAEError, match="at least K=8"):
+        vqvae.kmeans(torch.randn(5, 2), 8, iters=1, generator=torch.Generator())
+
+
+def test_beta_schedule_endpoints_and_midpoint():
+    cfg = vqvae.load_config(overrides=dict(beta_start=0.5, beta_end=3.0))
+    assert vqvae.beta_at(0, 101, 10, cfg) == pytest.approx(0.5)
+    assert vqvae.beta_at(50, 101, 10, cfg) == pytest.approx(1.75)
+    assert vqvae.beta_at(100, 101, 10, cfg) == pytest.approx(3.0)
+    per_epoch = vqvae.load_config(overrides=dict(beta_start=0.5, beta_end=3.0, beta_schedule="epoch"))
+    # 3 epochs of 10 steps: constant within an epoch, β_start in the first and β_end in the last
+    assert {vqvae.beta_at(s, 30, 10, per_epoch) for s in range(10)} == {0.5}
+    assert vqvae.beta_at(15, 30, 10, per_epoch) == pytest.approx(1.75)
+    assert vqvae.beta_at(29, 30, 10, per_epoch) == pytest.approx(3.0)

@@ -1,0 +1,1089 @@
+"""VQ-VAE on CIFAR-10 with two quantizers: VQ-EMA and a Blahut–Arimoto (BA) soft quantizer.
+
+One file, read top to bottom: helpers → config → data → encoder/decoder → quantizers → model →
+metrics → checkpoints and logging → evaluate/train. Importing it runs nothing; `train(cfg)` does
+the work, and `train.py` is the command line around it.
+
+Shapes: B batch, D code dimension, H×W latent grid (8×8 for 32×32 images), N = B·H·W latent
+vectors, K codebook size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class VQVAEError(Exception):
+    """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+def nearest_name(name: str, choices) -> str:
+    """' (did you mean X?)' for the closest valid name, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)  # validate() already checked the spelling
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VQVAEError(f"device '{name}' asked for, but CUDA is not available here; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise VQVAEError(f"device '{name}' asked for, but MPS is not available here; use --device auto or cpu")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`:
+    a crash mid-write leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def flatten_latents(z_e: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) → (N, D) with N = B·H·W, one row per latent vector."""
+    return z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+
+
+def unflatten_latents(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, D) → (B, D, H, W) shaped like `like`."""
+    B, D, H, W = like.shape
+    return z.view(B, H, W, D).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: every default lives here, once. YAML overrides it, command-line flags override YAML.
+# ---------------------------------------------------------------------------------------------
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+CHOICES = {
+    "arch": ("small", "resnet"),
+    "quantizer": ("vq_ema", "ba_vq"),
+    "dataset": ("cifar10", "folder", "synthetic"),
+    "precision": ("fp32", "bf16"),
+    "codebook_init": ("kmeans", "uniform"),
+    "beta_schedule": ("step", "epoch"),
+    "ba_prior": ("uniform", "running"),
+    "ba_codebook_update": ("grad", "ema"),
+    "ba_output": ("hard", "soft"),
+}
+
+# Architecture presets: values for n_hid / latent_dim when the config leaves them empty.
+ARCH_PRESETS = {
+    "small": {"n_hid": 64, "latent_dim": 64},
+    "resnet": {"n_hid": 128, "latent_dim": 256},
+}
+
+
+@dataclass
+class Config:
+    # --- experiment
+    name: str = _opt("", "experiment name: results go to <out_dir>/<name>/ (empty: <quantizer>_K<K>_<arch>_<time>)")
+    out_dir: str = _opt("experiments", "parent directory of experiment directories")
+    seed: int = _opt(1337, "seed for initialisation and data order")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: str = _opt("fp32", "fp32 or bf16 (autocast for encoder/decoder; quantizer math stays fp32)")
+    # --- data
+    dataset: str = _opt("cifar10", "cifar10 (torchvision, downloads), folder (train/ and test/ image folders) or synthetic")
+    data_dir: str = _opt("data", "where cifar10 is downloaded to or found, or the image folder's root")
+    synthetic_size: int = _opt(4096, "synthetic dataset: number of training images (test set: a quarter of it)")
+    # --- model
+    arch: str = _opt("small", "encoder/decoder preset: small (the BA study's model) or resnet (DeepMind-style)")
+    n_hid: Optional[int] = _opt(None, "hidden channels of the first conv (empty: 64 for small, 128 for resnet)")
+    latent_dim: Optional[int] = _opt(None, "code dimension D (empty: 64 for small, 256 for resnet)")
+    # --- quantizer, both kinds
+    quantizer: str = _opt("vq_ema", "vq_ema (nearest code, EMA codebook) or ba_vq (Blahut–Arimoto soft assignments)")
+    codebook_size: int = _opt(512, "number of codes K")
+    commitment_weight: float = _opt(0.25, "weight of ‖z_e − sg(z_q)‖² pulling encoder outputs to their codes")
+    codebook_init: str = _opt("kmeans", "kmeans (k-means++ then Lloyd on encoder outputs) or uniform (±1/K)")
+    kmeans_iters: int = _opt(10, "Lloyd iterations after k-means++ seeding")
+    ema_decay: float = _opt(0.99, "decay of the EMA codebook statistics (vq_ema; ba_vq with ba_codebook_update ema)")
+    ema_eps: float = _opt(1e-5, "Laplace smoothing of the EMA cluster sizes")
+    # --- ba_vq only
+    beta_start: float = _opt(0.5, "inverse temperature β at the start of training")
+    beta_end: float = _opt(3.0, "β at the end of training (β_end < β_start anneals in reverse)")
+    beta_schedule: str = _opt("step", "update β by the cosine schedule every optimizer step or once per epoch")
+    ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass")
+    ba_prior: str = _opt("uniform", "initial marginal Q of each forward: uniform (1/K) or running (EMA over batches)")
+    ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
+    entropy_weight: float = _opt(0.01, "weight of −H(Q), rewarding a spread-out code marginal")
+    codebook_weight: float = _opt(1.0, "weight of ‖sg(z_e) − z_q‖² moving codes (ba_codebook_update grad)")
+    ba_codebook_update: str = _opt("grad", "codes move by gradient (grad) or by an EMA of soft-weighted encoder outputs (ema)")
+    ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient) or soft (Σ p·c)")
+    # --- training
+    epochs: int = _opt(10, "training epochs")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); the β schedule spans the shortened run")
+    batch_size: int = _opt(128, "training batch size")
+    eval_batch_size: int = _opt(500, "validation batch size (does not change the metrics)")
+    lr: float = _opt(3e-4, "AdamW learning rate")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    log_every: int = _opt(50, "log batch metrics every N steps (the only steps that synchronise the device)")
+    checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt every N epochs (0: only last.pt)")
+    # --- logging
+    wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)")
+    wandb_project: str = _opt("bavq", "W&B project name")
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(Config))
+# Keys whose change makes a checkpoint mean something else: refused on --resume.
+STRUCTURAL_KEYS = ("arch", "n_hid", "latent_dim", "quantizer", "codebook_size", "dataset", "ba_codebook_update")
+
+
+def _field_type(f: dataclasses.Field):
+    """(base type, optional?) of a Config field; annotations are strings under `from __future__`."""
+    text = str(f.type)
+    optional = text.startswith("Optional[")
+    base = text[len("Optional["):-1] if optional else text
+    return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
+
+
+def _coerce(key: str, value, where: str):
+    """Turn a YAML or command-line value into the field's type, or raise a one-line error."""
+    f = Config.__dataclass_fields__[key]
+    kind, optional = _field_type(f)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        if kind is str and value is not None:
+            return value
+        raise VQVAEError(f"{key}: a value is required ({where})")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # also takes YAML's '3e-4', which PyYAML reads as a string
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise VQVAEError(f"{key}: expected {kind.__name__}, got {value!r} ({where})") from None
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VQVAEError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise VQVAEError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VQVAEError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(cfg: Config, values: dict, where: str) -> Config:
+    """A copy of cfg with `values` set; unknown keys are an error naming the nearest valid key."""
+    for key in values:
+        if key not in CONFIG_KEYS:
+            raise VQVAEError(f"unknown config key '{key}' in {where}{nearest_name(key, CONFIG_KEYS)}")
+    return dataclasses.replace(cfg, **{k: _coerce(k, v, where) for k, v in values.items()})
+
+
+def validate(cfg: Config) -> Config:
+    """Reject invalid values with one clear line, before any work; fill in the arch presets."""
+    for key, choices in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in choices:
+            raise VQVAEError(f"{key}: unknown value '{value}'{nearest_name(value, choices)}; choose from {', '.join(choices)}")
+    if not (cfg.device == "auto" or cfg.device in ("cpu", "mps", "cuda") or cfg.device.startswith("cuda:")):
+        raise VQVAEError(f"device: unknown value '{cfg.device}'; choose auto, cpu, cuda, cuda:N or mps")
+    at_least = {"codebook_size": 1, "batch_size": 1, "eval_batch_size": 1, "epochs": 1, "ba_iters": 1,
+                "log_every": 1, "synthetic_size": 1, "kmeans_iters": 0, "max_steps": 0, "checkpoint_freq": 0}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise VQVAEError(f"{key} must be ≥ {low}, got {getattr(cfg, key)}")
+    for key in ("n_hid", "latent_dim"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise VQVAEError(f"{key} must be ≥ 1, got {getattr(cfg, key)}")
+    positive = ("lr", "beta_start", "beta_end", "ema_eps")
+    non_negative = ("weight_decay", "commitment_weight", "entropy_weight", "codebook_weight")
+    for key in positive + non_negative:
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
+            raise VQVAEError(f"{key} must be a finite number {'> 0' if key in positive else '≥ 0'}, got {value}")
+    for key in ("ema_decay", "ba_prior_decay"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise VQVAEError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    preset = ARCH_PRESETS[cfg.arch]
+    return dataclasses.replace(cfg, n_hid=cfg.n_hid or preset["n_hid"], latent_dim=cfg.latent_dim or preset["latent_dim"])
+
+
+def load_config(yaml_path=None, overrides: Optional[dict] = None, base: Optional[dict] = None) -> Config:
+    """defaults ← base (a saved run's config, when resuming) ← YAML file ← overrides (flags)."""
+    cfg = Config()
+    if base:
+        cfg = apply_overrides(cfg, base, "the saved run config")
+    if yaml_path:
+        cfg = apply_overrides(cfg, read_yaml(yaml_path), str(yaml_path))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command-line flags")
+    return validate(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the whole dataset as one uint8 tensor (N, 3, 32, 32) on the training device
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+CACHE_VERSION = "1"
+
+
+def make_synthetic(n: int, seed: int) -> np.ndarray:
+    """Deterministic structured images (n, 32, 32, 3) uint8: a two-colour gradient background with
+    one to three discs, rectangles or stripe patches on it. Needs no files or network."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1)
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    for i in range(n):
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(angle) * xx + np.sin(angle) * yy
+        ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
+        low, high = rng.uniform(0, 1, (2, 3))
+        img = low + (high - low) * ramp[..., None]
+        for _ in range(rng.integers(1, 4)):
+            colour = rng.uniform(0, 1, 3)
+            cx, cy = rng.uniform(0.15, 0.85, 2)
+            size = rng.uniform(0.1, 0.3)
+            kind = rng.integers(3)
+            if kind == 0:  # disc
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < size**2
+            elif kind == 1:  # axis-aligned rectangle
+                w, h = rng.uniform(0.1, 0.35, 2)
+                mask = (np.abs(xx - cx) < w) & (np.abs(yy - cy) < h)
+            else:  # stripes inside a square patch
+                theta, freq = rng.uniform(0, np.pi), rng.uniform(8, 20)
+                stripes = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy)) > 0
+                mask = stripes & (np.abs(xx - cx) < size) & (np.abs(yy - cy) < size)
+            img[mask] = colour
+        images[i] = img
+    return np.round(images * 255).astype(np.uint8)
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """One image file → (32, 32, 3) uint8: converted to RGB, centre-cropped to a square and resized
+    when it is not already 32×32."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize(
+                    (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many kinds for a bad file
+        raise VQVAEError(f"cannot read image {path}: {e}; remove or replace the file") from None
+
+
+def load_image_folder(root: Path, split: str) -> np.ndarray:
+    """All images under root/split (any class sub-folders) as (N, 32, 32, 3) uint8, in sorted path
+    order. Decoded once, then cached in root/.vqvae_cache/ keyed by the files' names, sizes and
+    modification times."""
+    folder = root / split
+    if not folder.is_dir():
+        raise VQVAEError(
+            f"image folder {folder} not found: --dataset folder needs --data_dir with train/ and test/ "
+            f"sub-folders of images (for the CIFAR-10 copy: tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp "
+            f"and --data_dir /tmp/cifar10-jpeg)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise VQVAEError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    key = hashlib.sha1(CACHE_VERSION.encode())
+    for p in files:
+        stat = p.stat()
+        key.update(f"{p.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = root / ".vqvae_cache" / f"{split}-{key.hexdigest()[:16]}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    print(f"decoding {len(files)} images from {folder} (cached for later runs)")
+    images = np.stack([_decode_image(p) for p in files])
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, images)
+        atomic_write_bytes(cache, buffer.getvalue())
+    except OSError as e:
+        print(f"note: could not write the decode cache {cache} ({e.strerror}); images are decoded on every run")
+    return images
+
+
+def load_cifar10(data_dir: Path):
+    """torchvision's CIFAR-10, downloaded into data_dir when it is not already there."""
+    from torchvision.datasets import CIFAR10
+
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a dead network fails in seconds rather than hanging
+    try:
+        train = CIFAR10(str(data_dir), train=True, download=True)
+        test = CIFAR10(str(data_dir), train=False, download=False)
+    except Exception as e:
+        raise VQVAEError(
+            f"could not get CIFAR-10 into --data_dir {data_dir} ({type(e).__name__}: {e}). Offline? Put "
+            f"torchvision's cifar-10-batches-py/ in --data_dir, or use --dataset folder --data_dir DIR with "
+            f"train/ and test/ image folders (e.g. the CIFAR-10 JPEG copy), or --dataset synthetic") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return train.data, test.data
+
+
+def load_dataset(cfg: Config):
+    """(train, test) as uint8 numpy arrays (N, 32, 32, 3)."""
+    if cfg.dataset == "synthetic":
+        return make_synthetic(cfg.synthetic_size, seed=0), make_synthetic(max(cfg.synthetic_size // 4, 1), seed=1)
+    if cfg.dataset == "folder":
+        root = Path(cfg.data_dir)
+        return load_image_folder(root, "train"), load_image_folder(root, "test")
+    return load_cifar10(Path(cfg.data_dir))
+
+
+def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 numpy → (N, 3, 32, 32) uint8 tensor on device."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float [−1, 1], on the device, per batch."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """x → relu(x + conv3×3(relu(conv3×3(x)))), channels kept (the bavq-research block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+def make_encoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
+    """(B, 3, 32, 32) → z_e (B, latent_dim, 8, 8)."""
+    if arch == "small":
+        return nn.Sequential(
+            nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(),               # (B, n_hid, 16, 16)
+            nn.Conv2d(n_hid, 2 * n_hid, 4, stride=2, padding=1), nn.ReLU(),       # (B, 2n_hid, 8, 8)
+            nn.Conv2d(2 * n_hid, latent_dim, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(n_hid, 2 * n_hid, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * n_hid, latent_dim, 3, padding=1),
+        ResidualBlock(latent_dim), ResidualBlock(latent_dim))
+
+
+def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
+    """z_q (B, latent_dim, 8, 8) → x_hat (B, 3, 32, 32) in roughly [−1, 1] (no output squashing)."""
+    if arch == "small":
+        return nn.Sequential(
+            nn.Conv2d(latent_dim, n_hid, 1),
+            nn.ConvTranspose2d(n_hid, n_hid, 4, stride=2, padding=1), nn.ReLU(),  # (B, n_hid, 16, 16)
+            nn.ConvTranspose2d(n_hid, 3, 4, stride=2, padding=1))                 # (B, 3, 32, 32)
+    return nn.Sequential(
+        nn.Conv2d(latent_dim, 2 * n_hid, 3, padding=1),
+        ResidualBlock(2 * n_hid), ResidualBlock(2 * n_hid),
+        nn.ConvTranspose2d(2 * n_hid, n_hid, 4, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(n_hid, 3, 4, stride=2, padding=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizers. One contract: z_e (B, D, H, W) → (z_q (B, D, H, W), dict of named losses,
+# indices (B, H, W)). All distance and assignment math runs in fp32, also under autocast.
+# ---------------------------------------------------------------------------------------------
+
+# Work on at most this many N×K distance entries at once where nothing needs the whole matrix.
+CHUNK_ELEMENTS = 2**24
+
+
+def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """‖z_n − c_k‖² for z (N, D), codebook (K, D) → (N, K)."""
+    c2 = codebook.pow(2).sum(1)
+    return torch.addmm(c2, z, codebook.t(), alpha=-2).add_(z.pow(2).sum(1, keepdim=True)).clamp_(min=0)
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """argmin_k ‖z_n − c_k‖² − bias_k for each row of z (N, D) → (N,) long, in row chunks so memory
+    stays O(chunk × K). ‖z_n‖² is the same for every k, so the score 2 z·c − ‖c‖² + bias suffices."""
+    with torch.no_grad():
+        score_bias = -codebook.pow(2).sum(1) if bias is None else bias - codebook.pow(2).sum(1)
+        rows = max(1, CHUNK_ELEMENTS // codebook.shape[0])
+        return torch.cat([torch.addmm(score_bias, chunk, codebook.t(), alpha=2).argmax(1)
+                          for chunk in z.split(rows)])
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) then `iters` Lloyd steps on x (N, D) → (k, D).
+    A cluster that ends up empty keeps its previous centre."""
+    n = x.shape[0]
+    if n < k:
+        raise VQVAEError(f"k-means init needs at least K={k} vectors, got {n}")
+    x2 = x.pow(2).sum(1)
+    centers = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
+    centers[0] = x[torch.randint(n, (), generator=generator, device=x.device)]
+    min_d = (x2 - 2 * x @ centers[0] + centers[0].pow(2).sum()).clamp_(min=0)
+    for j in range(1, k):
+        # the next centre is drawn with probability ∝ squared distance to the nearest chosen one
+        # (the floor keeps the draw defined when every point already coincides with a centre)
+        centers[j] = x[torch.multinomial(min_d.clamp_min(1e-30), 1, generator=generator)[0]]
+        torch.minimum(min_d, (x2 - 2 * x @ centers[j] + centers[j].pow(2).sum()).clamp_(min=0), out=min_d)
+    for _ in range(iters):
+        assign = nearest_code(x, centers)
+        counts = torch.zeros(k, device=x.device).index_add_(0, assign, torch.ones(n, device=x.device))
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled, None]
+    return centers
+
+
+class Quantizer(nn.Module):
+    """What both quantizers share: a (K, D) codebook, its k-means initialisation, and (when the
+    codebook is moved by EMA rather than by gradient) the EMA statistics in buffers, so that
+    checkpoints carry them."""
+
+    def __init__(self, codebook_size: int, dim: int, ema: bool, ema_decay: float, ema_eps: float):
+        super().__init__()
+        K = codebook_size
+        self.codebook_size, self.dim, self.ema, self.ema_decay, self.ema_eps = K, dim, ema, ema_decay, ema_eps
+        self.codebook = nn.Parameter(torch.empty(K, dim).uniform_(-1 / K, 1 / K), requires_grad=not ema)
+        if ema:
+            # cluster_size starts at one and embed_sum at the codebook, so codebook = embed_sum / cluster_size
+            self.register_buffer("cluster_size", torch.ones(K))
+            self.register_buffer("embed_sum", self.codebook.detach().clone())
+
+    @torch.no_grad()
+    def init_codebook(self, vectors: torch.Tensor, iters: int, generator: torch.Generator) -> None:
+        self.codebook.copy_(kmeans(vectors.float(), self.codebook_size, iters, generator))
+        if self.ema:
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(self.codebook)
+
+    @torch.no_grad()
+    def ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """counts (K,): mass assigned to each code in this batch; sums (K, D): the encoder outputs
+        summed with those weights. Codes become EMA(sums) / Laplace-smoothed EMA(counts)."""
+        self.cluster_size.lerp_(counts, 1 - self.ema_decay)
+        self.embed_sum.lerp_(sums, 1 - self.ema_decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
+        self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+
+class VQEMA(Quantizer):
+    """Nearest-code vector quantization with a straight-through gradient and an EMA codebook
+    (van den Oord et al. 2017, "Neural Discrete Representation Learning", appendix A.1).
+    Loss: commitment_weight · ‖z_e − sg(z_q)‖²; the codebook moves only by EMA."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.codebook_size, cfg.latent_dim, True, cfg.ema_decay, cfg.ema_eps)
+        self.commitment_weight = cfg.commitment_weight
+
+    def forward(self, z_e):
+        with torch.autocast(z_e.device.type, enabled=False):
+            z = flatten_latents(z_e).float()                             # (N, D)
+            idx = nearest_code(z.detach(), self.codebook)                # (N,)
+            z_q = F.embedding(idx, self.codebook)                        # (N, D)
+            losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach())}
+            if self.training:
+                ones = torch.ones_like(idx, dtype=z.dtype)
+                counts = torch.zeros(self.codebook_size, device=z.device).index_add_(0, idx, ones)
+                sums = torch.zeros_like(self.codebook).index_add_(0, idx, z.detach())
+                self.ema_update(counts, sums)
+                z_q = z + (z_q - z).detach()                             # straight-through
+            return unflatten_latents(z_q, z_e), losses, idx.view(z_e.shape[0], *z_e.shape[2:])
+
+
+class BAVQ(Quantizer):
+    """Blahut–Arimoto soft quantizer (Blahut 1972; Arimoto 1972), with the inverse temperature β
+    annealed as in Rose's deterministic annealing. Per forward, `ba_iters` alternations of
+      E: p(k|e) = softmax_k(log Q(k) − β·‖e − c_k‖²)      M: Q(k) = mean over the batch of p(k|e),
+    starting from a uniform Q or a running marginal. Loss: commitment ‖z_e − sg(z_q)‖², codebook
+    ‖sg(z_e) − z_q‖², and −H(Q) rewarding a spread-out marginal.
+
+    Gradients: E/M iterations before the last run without autograd (Q is a fixed prior for the
+    last E-step, as in EM), so memory is one N×K matrix whatever ba_iters is. At evaluation the
+    code is the hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps)
+        self.beta = cfg.beta_start  # a Python float set by the training loop; saved via extra state
+        self.ba_iters, self.prior_mode, self.prior_decay = cfg.ba_iters, cfg.ba_prior, cfg.ba_prior_decay
+        self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
+        self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
+        self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
+
+    def get_extra_state(self):
+        return {"beta": self.beta}
+
+    def set_extra_state(self, state):
+        self.beta = state["beta"]
+
+    def log_prior(self) -> torch.Tensor:
+        """log Q at the start of each forward, (K,)."""
+        if self.prior_mode == "running":
+            return self.prior.log()
+        return torch.full_like(self.prior, -math.log(self.codebook_size))
+
+    def logits(self, z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """log Q(k) − β·‖z_n − c_k‖² + β·‖z_n‖² for z (N, D) → (N, K). The dropped β‖z_n‖² is the
+        same for every k, so softmax and argmax over k are unchanged and the values stay smaller."""
+        return torch.addmm(log_q - self.beta * codebook.pow(2).sum(1), z, codebook.t(), alpha=2 * self.beta)
+
+    def assign(self, z: torch.Tensor, codebook: torch.Tensor):
+        """The BA iterations on z (N, D): p(k|e) (N, K) and the marginal Q (K,) of the last step."""
+        log_q = self.log_prior()
+        with torch.no_grad():
+            for _ in range(self.ba_iters - 1):
+                log_p = torch.log_softmax(self.logits(z, codebook, log_q), dim=1)
+                log_q = torch.logsumexp(log_p, dim=0) - math.log(z.shape[0])  # log mean_n p, in the log domain
+        p = torch.softmax(self.logits(z, codebook, log_q), dim=1)               # (N, K)
+        return p, p.mean(0)
+
+    def forward(self, z_e):
+        with torch.autocast(z_e.device.type, enabled=False):
+            z = flatten_latents(z_e).float()                                     # (N, D)
+            shape = (z_e.shape[0], *z_e.shape[2:])
+            if not self.training:
+                bias = self.log_prior() / self.beta if self.prior_mode == "running" else None
+                idx = nearest_code(z, self.codebook, bias)
+                z_q = F.embedding(idx, self.codebook)
+                losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q)}
+                return unflatten_latents(z_q, z_e), losses, idx.view(shape)
+            # with an EMA codebook, autograd must see a snapshot: ema_update changes the codebook in place
+            codebook = self.codebook.clone() if self.ema else self.codebook
+            p, Q = self.assign(z, codebook)
+            idx = p.detach().argmax(1)                                           # (N,)
+            z_q_soft = p @ codebook                                              # (N, D)
+            if self.output == "hard":
+                z_q = z_q_soft + (F.embedding(idx, codebook) - z_q_soft).detach()
+            else:
+                z_q = z_q_soft
+            entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
+            losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
+                      "entropy": -self.entropy_weight * entropy}
+            if self.ema:
+                with torch.no_grad():
+                    self.ema_update(p.sum(0), p.t() @ z)
+            else:
+                losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
+            if self.prior_mode == "running":
+                with torch.no_grad():
+                    self.prior.lerp_(Q, 1 - self.prior_decay)
+            return unflatten_latents(z_q, z_e), losses, idx.view(shape)
+
+
+def make_quantizer(cfg: Config) -> Quantizer:
+    return VQEMA(cfg) if cfg.quantizer == "vq_ema" else BAVQ(cfg)
+
+
+def beta_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Config) -> float:
+    """Cosine schedule β(t) = β_start + (β_end − β_start)·½(1 − cos πt); t runs from 0 at the first
+    step (or epoch, with beta_schedule epoch) to 1 at the last."""
+    if cfg.beta_schedule == "epoch":
+        n_epochs = math.ceil(total_steps / steps_per_epoch)
+        t = (step // steps_per_epoch) / max(n_epochs - 1, 1)
+    else:
+        t = step / max(total_steps - 1, 1)
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * 0.5 * (1 - math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.encoder = make_encoder(cfg.arch, cfg.n_hid, cfg.latent_dim)
+        self.quantizer = make_quantizer(cfg)
+        self.decoder = make_decoder(cfg.arch, cfg.n_hid, cfg.latent_dim)
+
+    def forward(self, x):
+        """x (B, 3, 32, 32) in [−1, 1] → x_hat, {loss name: scalar}, indices (B, 8, 8)."""
+        z_e = self.encoder(x)
+        z_q, losses, idx = self.quantizer(z_e)
+        x_hat = self.decoder(z_q)
+        return x_hat, {"recon": F.mse_loss(x_hat.float(), x), **losses}, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure functions on tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code was chosen, (K,) int64."""
+    return torch.bincount(indices.flatten(), minlength=codebook_size)
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy of the code histogram): K when codes are used uniformly, 1 when one code is."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def usage_rate(counts: torch.Tensor) -> float:
+    """Fraction of codes used at least once."""
+    return (counts > 0).double().mean().item()
+
+
+def codebook_metrics(counts: torch.Tensor) -> dict:
+    used = int((counts > 0).sum().item())
+    return {"perplexity": perplexity(counts), "usage_rate": usage_rate(counts), "dead_codes": counts.numel() - used}
+
+
+def psnr(mse: float, peak: float = 1.0) -> float:
+    """10·log10(peak² / mse) in dB."""
+    return 10 * math.log10(peak**2 / mse)
+
+
+def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
+    """From the summed squared error of [−1, 1] tensors: mse in [0, 1] pixel space, psnr on that
+    scale, and psnr_legacy = 10·log10(1 / MSE in [−1, 1]) as the original documents computed it,
+    which is psnr − 20·log10(2) ≈ psnr − 6.02 dB."""
+    mse_pm1 = sse_pm1 / n_values
+    return {"mse": mse_pm1 / 4, "psnr": psnr(mse_pm1 / 4), "psnr_legacy": psnr(mse_pm1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, results files and W&B
+# ---------------------------------------------------------------------------------------------
+
+RESULT_FILES = ("config.yaml", "history.jsonl", "final_metrics.json", "final_model.pt", "last.pt", "recon.png")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """The experiment directory, refusing to write over earlier results unless asked to."""
+    run_dir = run_dir_of(cfg)
+    existing = [f for f in RESULT_FILES if (run_dir / f).exists()]
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise VQVAEError(f"--resume: no checkpoint {run_dir / 'last.pt'} to resume from")
+    elif existing and not overwrite:
+        raise VQVAEError(f"{run_dir} already holds results ({', '.join(existing)}); pass --resume to continue "
+                         f"that run, --overwrite to replace it, or choose another --name")
+    elif existing:
+        for path in run_dir.glob("checkpoint_epoch*.pt"):
+            path.unlink()
+        for f in existing:
+            (run_dir / f).unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise VQVAEError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+
+
+def load_model(path, device="cpu") -> VQVAE:
+    """A trained model from final_model.pt (or any checkpoint), in eval mode."""
+    state = load_checkpoint(Path(path))
+    model = VQVAE(load_config(base=state["config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def read_history(run_dir) -> list:
+    """history.jsonl of a run as a list of dicts."""
+    with open(Path(run_dir) / "history.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class History:
+    """history.jsonl: one JSON object per logged train step and per validation; mirrored to W&B."""
+
+    def __init__(self, path: Path, wandb_run):
+        self.file = open(path, "a")
+        self.wandb_run = wandb_run
+
+    def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
+        record = {"split": split, "step": step, "epoch": epoch, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
+
+    def close(self):
+        self.file.close()
+
+
+def truncate_history(path: Path, last_step: int) -> None:
+    """On resume, drop records written after the checkpoint, which the resumed run writes again."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+class NoWandb:
+    """Stands in for a W&B run when W&B is off or unavailable."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+class SafeWandb:
+    """Wraps a W&B run so an error inside wandb turns logging off instead of ending training."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, *args, **kwargs):
+        if self.run is not None:
+            try:
+                self.run.log(*args, **kwargs)
+            except Exception as e:
+                print(f"W&B: logging failed ({type(e).__name__}: {e}); continuing without W&B")
+                self.run = None
+
+    def finish(self):
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception:
+                pass
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return any("wandb" in host for host in netrc.netrc().hosts)
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(cfg: Config, run_dir: Path, resume: bool):
+    """A W&B run, or a stand-in. Never blocks or fails training: without a login it logs offline
+    (sync later with `wandb sync`), and if W&B cannot start at all it is turned off."""
+    if not cfg.wandb:
+        return NoWandb()
+    try:
+        import wandb
+    except ImportError:
+        print("W&B: wandb is not installed; logging locally only (pip install wandb, or --no_wandb)")
+        return NoWandb()
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+    if mode == "offline" and not os.environ.get("WANDB_MODE"):
+        print(f"W&B: not logged in; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
+    for attempt in (mode, "offline"):
+        try:
+            run = wandb.init(project=cfg.wandb_project, name=cfg.name, dir=str(run_dir), mode=attempt,
+                             config=dataclasses.asdict(cfg), resume="allow" if resume else None,
+                             id=cfg.name if resume else None, settings=wandb.Settings(init_timeout=20))
+            if attempt != mode:
+                print(f"W&B: could not start {mode}; logging offline instead")
+            return SafeWandb(run)
+        except Exception as e:
+            error = e
+    print(f"W&B: could not start ({type(error).__name__}: {error}); logging locally only")
+    return NoWandb()
+
+
+def save_recon_grid(model: VQVAE, x_uint8: torch.Tensor, path: Path, n: int = 8) -> None:
+    """recon.png: n validation originals (top row) above their hard-code reconstructions."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = normalize(x_uint8[:n])
+        x_hat = model(x)[0].float()
+    model.train(was_training)
+    grid = make_grid(torch.cat([x, x_hat]).add(1).div(2).clamp(0, 1), nrow=x.shape[0], padding=2)
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate and train
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast_for(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
+    """Validation over the whole set with the hard code: mse/psnr/psnr_legacy from the summed
+    squared error, and codebook metrics from the histogram of all codes (not per-batch averages)."""
+    was_training = model.training
+    model.eval()
+    device = x_uint8.device
+    K = model.quantizer.codebook_size
+    sse, counts = [], torch.zeros(K, dtype=torch.long, device=device)
+    for start in range(0, len(x_uint8), batch_size):
+        x = normalize(x_uint8[start:start + batch_size])
+        with autocast_for(device, precision):
+            x_hat, _, idx = model(x)
+        sse.append((x_hat.float() - x).pow(2).sum())
+        counts += code_histogram(idx, K)
+    model.train(was_training)
+    metrics = reconstruction_metrics(torch.stack(sse).cpu().double().sum().item(), x_uint8.numel())
+    return metrics | codebook_metrics(counts.cpu())
+
+
+@torch.no_grad()
+def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, generator: torch.Generator):
+    """k-means on encoder outputs of enough random training batches to hold at least 4·K vectors."""
+    K = cfg.codebook_size
+    picks = torch.randperm(len(x_train), generator=generator, device=generator.device).to(x_train.device)
+    vectors, have = [], 0
+    for start in range(0, len(x_train), cfg.batch_size):
+        z_e = model.encoder(normalize(x_train[picks[start:start + cfg.batch_size]]))
+        vectors.append(flatten_latents(z_e).float())
+        have += vectors[-1].shape[0]
+        if have >= 4 * K:
+            break
+    model.quantizer.init_codebook(torch.cat(vectors), cfg.kmeans_iters, generator)
+
+
+def check_sizes(cfg: Config, n_train: int, latents_per_image: int) -> None:
+    if cfg.batch_size > n_train:
+        raise VQVAEError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
+    if cfg.codebook_init == "kmeans" and n_train * latents_per_image < cfg.codebook_size:
+        raise VQVAEError(f"codebook_init kmeans needs at least K={cfg.codebook_size} encoder vectors, but the "
+                         f"training set gives {n_train * latents_per_image}; use fewer codes or --codebook_init uniform")
+
+
+def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor, K: int, beta):
+    """The only place the training loop reads values back from the device."""
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float() for n in names]).tolist()
+    metrics = dict(zip(names, values)) | {"loss": sum(values)}
+    counts = code_histogram(idx, K).cpu()
+    metrics |= {"perplexity": perplexity(counts), "usage": usage_rate(counts)}
+    if beta is not None:
+        metrics["beta"] = beta
+    history.log("train", step, epoch, metrics)
+    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", ppl=f"{metrics['perplexity']:.1f}", usage=f"{metrics['usage']:.2f}")
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory."""
+    from tqdm import tqdm
+
+    cfg = validate(cfg)
+    if not cfg.name:
+        if resume:
+            raise VQVAEError("--resume needs the --name of the run to continue")
+        cfg = dataclasses.replace(cfg, name=f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}")
+    device = pick_device(cfg.device)
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / "last.pt")
+        saved = checkpoint["config"]
+        changed = [k for k in STRUCTURAL_KEYS if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise VQVAEError("cannot resume with a different " + ", ".join(
+                f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
+    train_np, test_np = load_dataset(cfg)
+    check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2)
+    print(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
+    print(f"device {device}, {len(train_np)} training and {len(test_np)} validation images")
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    x_train, x_test = to_device_uint8(train_np, device), to_device_uint8(test_np, device)
+    data_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # data order
+    model = VQVAE(cfg).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(x_train) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    is_ba = cfg.quantizer == "ba_vq"
+
+    # step_time: seconds inside training steps; time_before: wall time of earlier sessions of this run
+    step, step_time, time_before, epoch_gen_state = 0, 0.0, 0.0, None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, step_time, time_before = checkpoint["step"], checkpoint["train_step_time_s"], checkpoint["train_time_s"]
+        data_gen.set_state(checkpoint["data_gen_state"])
+        epoch_gen_state = checkpoint["epoch_gen_state"]
+        set_rng_states(checkpoint["rng"], device)
+        truncate_history(run_dir / "history.jsonl", step)
+        print(f"resuming {run_dir} at step {step} of {total_steps}")
+    else:
+        if cfg.codebook_init == "kmeans":
+            t0 = time.perf_counter()
+            kmeans_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+            init_codebook_from_data(model, x_train, cfg, kmeans_gen)
+            print(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
+        atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
+    wandb_run = start_wandb(cfg, run_dir, resume)
+    history = History(run_dir / "history.jsonl", wandb_run)
+
+    def save_last():
+        """last.pt: everything the rest of the run depends on, so --resume continues it exactly."""
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                           "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
+                           "train_step_time_s": step_time, "train_time_s": time_before + time.perf_counter() - t_start,
+                           "rng": rng_states(device), "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
+
+    model.train()
+    val = None
+    pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        if first == 0:
+            epoch_gen_state = data_gen.get_state()
+        else:  # resumed inside an epoch: draw that epoch's permutation again
+            data_gen.set_state(epoch_gen_state)
+        perm = torch.randperm(len(x_train), generator=data_gen, device=device)
+        last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        t0 = time.perf_counter()
+        for i in range(first, last):
+            x = normalize(x_train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+            beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
+            if is_ba:
+                model.quantizer.beta = beta
+            with autocast_for(device, cfg.precision):
+                x_hat, losses, idx = model(x)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            pbar.update()
+            if step % cfg.log_every == 0:
+                log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
+        sync(device)
+        step_time += time.perf_counter() - t0
+        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision)
+        history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+        pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
+                   f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, usage {val['usage_rate']:.3f}")
+        save_last()
+        if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
+            atomic_torch_save({"model": model.state_dict(), "step": step, "config": dataclasses.asdict(cfg)},
+                              run_dir / f"checkpoint_epoch{epoch + 1}.pt")
+    pbar.close()
+    if val is None:  # resumed a run that had already finished its steps
+        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision)
+    wall = time_before + time.perf_counter() - t_start
+
+    final = dict(val)
+    if is_ba:
+        final["beta"] = model.quantizer.beta
+    final |= {"epochs": step / steps_per_epoch, "steps": step, "train_time_s": wall,
+              "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
+    atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+    atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
+    save_recon_grid(model, x_test, run_dir / "recon.png")
+    history.close()
+    wandb_run.finish()
+    print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
+          f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
+    return final
