@@ -168,6 +168,8 @@ class Config:
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     log_every: int = _opt(50, "log batch metrics every N steps (the only steps that synchronise the device)")
     checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt every N epochs (0: only last.pt)")
+    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions (same results, faster on most devices)")
+    compile: bool = _opt(False, "torch.compile the encoder and decoder (slow first steps, faster after on GPU)")
     # --- logging
     wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)")
     wandb_project: str = _opt("bavq", "W&B project name")
@@ -406,13 +408,20 @@ def load_dataset(cfg: Config):
 
 
 def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, 32, 32, 3) uint8 numpy → (N, 3, 32, 32) uint8 tensor on device."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    """(N, 32, 32, 3) uint8 numpy → uint8 tensor on device, shaped (N, 3, 32, 32) but stored
+    channels-last (NHWC), the layout the images come in and the fast one for convolutions."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], on the device, per batch."""
+    """uint8 [0, 255] → float [−1, 1], on the device, per batch; the memory layout is kept."""
     return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int, channels_last: bool = True):
+    """Batch i of an epoch's permutation, as float [−1, 1] (B, 3, 32, 32) in the model's layout."""
+    x = normalize(x_uint8[perm[i * batch_size:(i + 1) * batch_size]])
+    return x if channels_last else x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,22 +494,27 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.T
                           for chunk in z.split(rows)])
 
 
+KMEANS_SEEDING_ROUNDS = 256
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) then `iters` Lloyd steps on x (N, D) → (k, D).
-    A cluster that ends up empty keeps its previous centre."""
+    Seeding draws centres with probability ∝ squared distance to the nearest centre chosen so far;
+    for k > KMEANS_SEEDING_ROUNDS it draws ⌈k / rounds⌉ distinct centres per round, so large
+    codebooks take seconds rather than minutes. A cluster that ends up empty keeps its centre."""
     n = x.shape[0]
     if n < k:
         raise VQVAEError(f"k-means init needs at least K={k} vectors, got {n}")
-    x2 = x.pow(2).sum(1)
-    centers = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
-    centers[0] = x[torch.randint(n, (), generator=generator, device=x.device)]
-    min_d = (x2 - 2 * x @ centers[0] + centers[0].pow(2).sum()).clamp_(min=0)
-    for j in range(1, k):
-        # the next centre is drawn with probability ∝ squared distance to the nearest chosen one
-        # (the floor keeps the draw defined when every point already coincides with a centre)
-        centers[j] = x[torch.multinomial(min_d.clamp_min(1e-30), 1, generator=generator)[0]]
-        torch.minimum(min_d, (x2 - 2 * x @ centers[j] + centers[j].pow(2).sum()).clamp_(min=0), out=min_d)
+    per_round = -(-k // KMEANS_SEEDING_ROUNDS)
+    centers = x[torch.randint(n, (1,), generator=generator, device=x.device)]
+    min_d = squared_distances(x, centers)[:, 0]
+    while len(centers) < k:
+        # the floor keeps the draw defined when points already coincide with centres
+        take = min(per_round, k - len(centers))
+        new = x[torch.multinomial(min_d.clamp_min(1e-30), take, replacement=False, generator=generator)]
+        torch.minimum(min_d, squared_distances(x, new).min(1).values, out=min_d)
+        centers = torch.cat([centers, new])
     for _ in range(iters):
         assign = nearest_code(x, centers)
         counts = torch.zeros(k, device=x.device).index_add_(0, assign, torch.ones(n, device=x.device))
@@ -567,6 +581,62 @@ class VQEMA(Quantizer):
             return unflatten_latents(z_q, z_e), losses, idx.view(z_e.shape[0], *z_e.shape[2:])
 
 
+def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: torch.Tensor, beta: float):
+    """log Q(k) − β·‖z_n − c_k‖² + β·‖z_n‖² for z (n, D) → (n, K), with c2 = ‖c_k‖². The dropped
+    β‖z_n‖² is the same for every k, so softmax and argmax over k are unchanged."""
+    return torch.addmm(log_q - beta * c2, z, codebook.t(), alpha=2 * beta)
+
+
+def row_chunks(n_rows: int, codebook_size: int):
+    """Slices of at most CHUNK_ELEMENTS // K rows: the unit of all N×K work."""
+    rows = max(1, CHUNK_ELEMENTS // codebook_size)
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+
+
+class BAEStep(torch.autograd.Function):
+    """The last BA E-step and its uses, chunked over rows so that no N×K matrix is ever whole:
+    z (N, D), codebook (K, D), log_q (K,) a constant prior → z_q_soft = p @ codebook (N, D),
+    Q = mean_n p (K,), idx = argmax_k p (N,). Backward recomputes p chunk by chunk (one extra
+    matmul) instead of keeping it: with G = dL/dlogits = p ⊙ (a − Σ_k p·a), a = dL/dp,
+      dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, log_q, beta: float):
+        c2 = codebook.pow(2).sum(1)
+        z_q = torch.empty_like(z)
+        p_sum = torch.zeros_like(c2)
+        idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for rows in row_chunks(z.shape[0], codebook.shape[0]):
+            logits = ba_logits(z[rows], codebook, c2, log_q, beta)               # (n, K)
+            idx[rows] = logits.argmax(1)
+            p = torch.softmax(logits, dim=1)
+            torch.mm(p, codebook, out=z_q[rows])
+            p_sum += p.sum(0)
+        ctx.save_for_backward(z, codebook, log_q)
+        ctx.beta = beta
+        ctx.mark_non_differentiable(idx)
+        return z_q, p_sum / z.shape[0], idx
+
+    @staticmethod
+    def backward(ctx, g_zq, g_Q, _):
+        z, codebook, log_q = ctx.saved_tensors
+        beta, N = ctx.beta, z.shape[0]
+        c2 = codebook.pow(2).sum(1)
+        g_z, g_c, g_logit_sum = torch.empty_like(z), torch.zeros_like(codebook), torch.zeros_like(c2)
+        for rows in row_chunks(N, codebook.shape[0]):
+            z_c, g_c_rows = z[rows], g_zq[rows]
+            p = torch.softmax(ba_logits(z_c, codebook, c2, log_q, beta), dim=1)    # (n, K), recomputed
+            g_c.addmm_(p.t(), g_c_rows)                                            # from z_q_soft = p @ C
+            a = torch.addmm(g_Q / N, g_c_rows, codebook.t())                       # dL/dp (n, K)
+            G = p.mul_(a.sub_((p * a).sum(1, keepdim=True)))                        # dL/dlogits, in p's memory
+            torch.mm(G, codebook, out=g_z[rows])
+            g_c.addmm_(G.t(), z_c, alpha=2 * beta)
+            g_logit_sum += G.sum(0)
+        g_z.mul_(2 * beta)
+        g_c.addcmul_(codebook, g_logit_sum.unsqueeze(1), value=-2 * beta)
+        return g_z, g_c, None, None
+
+
 class BAVQ(Quantizer):
     """Blahut–Arimoto soft quantizer (Blahut 1972; Arimoto 1972), with the inverse temperature β
     annealed as in Rose's deterministic annealing. Per forward, `ba_iters` alternations of
@@ -575,8 +645,9 @@ class BAVQ(Quantizer):
     ‖sg(z_e) − z_q‖², and −H(Q) rewarding a spread-out marginal.
 
     Gradients: E/M iterations before the last run without autograd (Q is a fixed prior for the
-    last E-step, as in EM), so memory is one N×K matrix whatever ba_iters is. At evaluation the
-    code is the hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code)."""
+    last E-step, as in EM); the last E-step is BAEStep, which works in row chunks, so memory is
+    O(chunk × K) whatever N and ba_iters are. At evaluation the code is the hard
+    argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code)."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps)
@@ -598,20 +669,29 @@ class BAVQ(Quantizer):
             return self.prior.log()
         return torch.full_like(self.prior, -math.log(self.codebook_size))
 
-    def logits(self, z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """log Q(k) − β·‖z_n − c_k‖² + β·‖z_n‖² for z (N, D) → (N, K). The dropped β‖z_n‖² is the
-        same for every k, so softmax and argmax over k are unchanged and the values stay smaller."""
-        return torch.addmm(log_q - self.beta * codebook.pow(2).sum(1), z, codebook.t(), alpha=2 * self.beta)
+    @torch.no_grad()
+    def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain:
+        log Q(k) = logsumexp_n log p(k|e_n) − log N, accumulated over row chunks."""
+        log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
+        for _ in range(self.ba_iters - 1):
+            per_chunk = [torch.logsumexp(torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1), 0)
+                         for rows in row_chunks(z.shape[0], codebook.shape[0])]
+            log_q = torch.logsumexp(torch.stack(per_chunk), 0) - math.log(z.shape[0])
+        return log_q
 
-    def assign(self, z: torch.Tensor, codebook: torch.Tensor):
-        """The BA iterations on z (N, D): p(k|e) (N, K) and the marginal Q (K,) of the last step."""
-        log_q = self.log_prior()
-        with torch.no_grad():
-            for _ in range(self.ba_iters - 1):
-                log_p = torch.log_softmax(self.logits(z, codebook, log_q), dim=1)
-                log_q = torch.logsumexp(log_p, dim=0) - math.log(z.shape[0])  # log mean_n p, in the log domain
-        p = torch.softmax(self.logits(z, codebook, log_q), dim=1)               # (N, K)
-        return p, p.mean(0)
+    @torch.no_grad()
+    def soft_sums(self, z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Σ_n p(k|e_n)·e_n (K, D), for the EMA codebook update, chunk by chunk."""
+        c2, sums = codebook.pow(2).sum(1), torch.zeros_like(codebook)
+        for rows in row_chunks(z.shape[0], codebook.shape[0]):
+            sums.addmm_(torch.softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1).t(), z[rows])
+        return sums
+
+    def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
+        log_q = self.prior_after_iterations(z, codebook)
+        return torch.softmax(ba_logits(z, codebook, codebook.pow(2).sum(1), log_q, self.beta), dim=1)
 
     def forward(self, z_e):
         with torch.autocast(z_e.device.type, enabled=False):
@@ -625,9 +705,8 @@ class BAVQ(Quantizer):
                 return unflatten_latents(z_q, z_e), losses, idx.view(shape)
             # with an EMA codebook, autograd must see a snapshot: ema_update changes the codebook in place
             codebook = self.codebook.clone() if self.ema else self.codebook
-            p, Q = self.assign(z, codebook)
-            idx = p.detach().argmax(1)                                           # (N,)
-            z_q_soft = p @ codebook                                              # (N, D)
+            log_q = self.prior_after_iterations(z, codebook)                     # (K,), no gradient
+            z_q_soft, Q, idx = BAEStep.apply(z, codebook, log_q, self.beta)      # (N, D), (K,), (N,)
             if self.output == "hard":
                 z_q = z_q_soft + (F.embedding(idx, codebook) - z_q_soft).detach()
             else:
@@ -636,8 +715,7 @@ class BAVQ(Quantizer):
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
             if self.ema:
-                with torch.no_grad():
-                    self.ema_update(p.sum(0), p.t() @ z)
+                self.ema_update(Q.detach() * z.shape[0], self.soft_sums(z, codebook, log_q))
             else:
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
             if self.prior_mode == "running":
@@ -679,6 +757,22 @@ class VQVAE(nn.Module):
         z_q, losses, idx = self.quantizer(z_e)
         x_hat = self.decoder(z_q)
         return x_hat, {"recon": F.mse_loss(x_hat.float(), x), **losses}, idx
+
+
+def build_model(cfg: Config, device: torch.device) -> VQVAE:
+    """The model on its device, in the configured memory layout, optionally compiled."""
+    model = VQVAE(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place, so state_dict keys stay the same; the quantizer stays eager
+        model.encoder.compile()
+        model.decoder.compile()
+    return model
+
+
+def make_optimizer(model: VQVAE, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,6 +1002,17 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, precision: str):
+    """One optimizer step on batch x; returns the loss terms and codes without reading them back."""
+    with autocast_for(x.device, precision):
+        x_hat, losses, idx = model(x)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return losses, idx
+
+
 @torch.no_grad()
 def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
     """Validation over the whole set with the hard code: mse/psnr/psnr_legacy from the summed
@@ -993,9 +1098,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     random.seed(cfg.seed)
     x_train, x_test = to_device_uint8(train_np, device), to_device_uint8(test_np, device)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # data order
-    model = VQVAE(cfg).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(x_train) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -1045,16 +1149,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         t0 = time.perf_counter()
         for i in range(first, last):
-            x = normalize(x_train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+            x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last)
             beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
             if is_ba:
                 model.quantizer.beta = beta
-            with autocast_for(device, cfg.precision):
-                x_hat, losses, idx = model(x)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            losses, idx = train_step(model, optimizer, x, cfg.precision)
             step += 1
             pbar.update()
             if step % cfg.log_every == 0:

@@ -1,0 +1,130 @@
+"""Every fast path keeps the exact semantics of the plain computation it replaces."""
+import copy
+
+import pytest
+import torch
+
+import vqvae
+
+
+def reference_e_step(z, codebook, log_q, beta):
+    """The last BA E-step written plainly, whole N×K matrices and autograd."""
+    d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+    p = torch.softmax(log_q - beta * d, dim=1)
+    return p @ codebook, p.mean(0), p.argmax(1)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows):
+    torch.manual_seed(1)
+    N, D, K, beta = 64, 5, 13, 1.7
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", chunk_rows * K)
+    z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(K, dtype=torch.float64), 0)
+    g_zq, g_Q = torch.randn(N, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+
+    z_q, Q, idx = reference_e_step(z, codebook, log_q, beta)
+    ((z_q * g_zq).sum() + (Q * g_Q).sum()).backward()
+    ref_grads = z.grad.clone(), codebook.grad.clone()
+    z.grad = codebook.grad = None
+
+    z_q2, Q2, idx2 = vqvae.BAEStep.apply(z, codebook, log_q, beta)
+    ((z_q2 * g_zq).sum() + (Q2 * g_Q).sum()).backward()
+    assert torch.allclose(z_q2, z_q, atol=1e-12) and torch.allclose(Q2, Q, atol=1e-12)
+    assert torch.equal(idx2, idx)
+    assert torch.allclose(z.grad, ref_grads[0], atol=1e-12)
+    assert torch.allclose(codebook.grad, ref_grads[1], atol=1e-12)
+
+
+def test_ba_e_step_passes_gradcheck():
+    torch.manual_seed(2)
+    z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(4, dtype=torch.float64), 0)
+    assert torch.autograd.gradcheck(lambda z, c: vqvae.BAEStep.apply(z, c, log_q, 0.8)[:2], (z, codebook))
+
+
+@pytest.mark.parametrize("prior", ["uniform", "running"])
+def test_ba_iterations_chunked_equal_whole(monkeypatch, prior):
+    """ba_iters − 1 E/M iterations accumulated over row chunks in the log domain give the same
+    prior, and so the same quantizer output and gradients, as one chunk."""
+    torch.manual_seed(3)
+    cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=24, latent_dim=4, ba_iters=4,
+                                           ba_prior=prior, entropy_weight=0.1))
+    q = vqvae.make_quantizer(cfg).train()
+    q.beta = 2.5
+    z_e = torch.randn(3, 4, 4, 4, requires_grad=True)
+
+    def run(chunk_rows):
+        monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", chunk_rows * 24)
+        q.zero_grad()
+        z_e.grad = None
+        z_q, losses, idx = q(z_e)
+        (z_q.square().sum() + sum(losses.values())).backward()
+        return z_q.detach(), idx, z_e.grad.clone(), q.codebook.grad.clone()
+
+    state = copy.deepcopy(q.state_dict())  # the running prior moves on each forward
+    whole = run(10_000)
+    q.load_state_dict(state)
+    chunked = run(5)
+    assert torch.allclose(whole[0], chunked[0], atol=1e-5) and torch.equal(whole[1], chunked[1])
+    assert torch.allclose(whole[2], chunked[2], atol=1e-6) and torch.allclose(whole[3], chunked[3], atol=1e-6)
+
+
+def test_ba_iterations_match_a_plain_loop():
+    """prior_after_iterations equals the textbook loop Q ← mean_n softmax(log Q − β d)."""
+    torch.manual_seed(4)
+    cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=10, latent_dim=3, ba_iters=6))
+    q = vqvae.make_quantizer(cfg)
+    q.beta = 0.9
+    z, codebook = torch.randn(50, 3), torch.randn(10, 3)
+    Q = torch.full((10,), 0.1)
+    d = vqvae.squared_distances(z, codebook)
+    for _ in range(5):
+        Q = torch.softmax(Q.log() - 0.9 * d, dim=1).mean(0)
+    assert torch.allclose(q.prior_after_iterations(z, codebook).exp(), Q, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
+def test_channels_last_equals_contiguous(quantizer):
+    torch.manual_seed(5)
+    cfg = vqvae.load_config(overrides=dict(quantizer=quantizer, codebook_size=16, n_hid=8, latent_dim=4,
+                                           arch="resnet", channels_last=False))
+    plain = vqvae.build_model(cfg, torch.device("cpu"))
+    fast = vqvae.build_model(vqvae.dataclasses.replace(cfg, channels_last=True), torch.device("cpu"))
+    fast.load_state_dict(plain.state_dict())
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8).numpy()
+    x_u8 = vqvae.to_device_uint8(images, torch.device("cpu"))
+    perm = torch.arange(6)
+    outputs = []
+    for model, layout in ((plain, False), (fast, True)):
+        x = vqvae.get_batch(x_u8, perm, 0, 6, channels_last=layout)
+        assert x.is_contiguous(memory_format=torch.channels_last) == layout
+        x_hat, losses, idx = model(x)
+        sum(losses.values()).backward()
+        outputs.append((x_hat.detach(), idx, model.encoder[0].weight.grad.clone()))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    assert torch.allclose(outputs[0][2], outputs[1][2], atol=1e-5)
+
+
+def test_batched_kmeans_seeding_draws_distinct_data_points():
+    torch.manual_seed(6)
+    x = torch.randn(2000, 3)
+    centers = vqvae.kmeans(x, 600, iters=0, generator=torch.Generator().manual_seed(0))
+    assert centers.shape == (600, 3)
+    assert len(torch.unique(centers, dim=0)) == 600
+    # every centre is exactly one of the points
+    assert (centers[:, None, :] == x[None, :, :]).all(-1).any(1).all()
+
+
+def test_kmeans_lloyd_steps_do_not_increase_distortion():
+    torch.manual_seed(7)
+    x = torch.randn(3000, 4)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    costs = []
+    for iters in (0, 1, 5):
+        centers = vqvae.kmeans(x, 300, iters=iters, generator=gen())
+        costs.append(vqvae.squared_distances(x, centers).min(1).values.mean().item())
+    assert costs[0] >= costs[1] >= costs[2]
