@@ -474,8 +474,18 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 # indices (B, H, W)). All distance and assignment math runs in fp32, also under autocast.
 # ---------------------------------------------------------------------------------------------
 
-# Work on at most this many N×K distance entries at once where nothing needs the whole matrix.
-CHUNK_ELEMENTS = 2**24
+# N×K work (distances, BA logits) runs in row chunks of at most CHUNK_ELEMENTS entries (2 MiB in
+# fp32: small enough to stay in a core's cache, large enough for efficient matmuls), so memory is O(chunk × K)
+# whatever N is. The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most
+# KEEP_ELEMENTS entries (64 MiB) and recomputes it chunk by chunk when it is larger.
+CHUNK_ELEMENTS = 2**19
+KEEP_ELEMENTS = 2**24
+
+
+def row_chunks(n_rows: int, codebook_size: int):
+    """Slices of at most CHUNK_ELEMENTS // K rows: the unit of all N×K work."""
+    rows = max(1, CHUNK_ELEMENTS // codebook_size)
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 
 def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -489,9 +499,8 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.T
     stays O(chunk × K). ‖z_n‖² is the same for every k, so the score 2 z·c − ‖c‖² + bias suffices."""
     with torch.no_grad():
         score_bias = -codebook.pow(2).sum(1) if bias is None else bias - codebook.pow(2).sum(1)
-        rows = max(1, CHUNK_ELEMENTS // codebook.shape[0])
-        return torch.cat([torch.addmm(score_bias, chunk, codebook.t(), alpha=2).argmax(1)
-                          for chunk in z.split(rows)])
+        return torch.cat([torch.addmm(score_bias, z[rows], codebook.t(), alpha=2).argmax(1)
+                          for rows in row_chunks(z.shape[0], codebook.shape[0])])
 
 
 KMEANS_SEEDING_ROUNDS = 256
@@ -587,54 +596,61 @@ def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: 
     return torch.addmm(log_q - beta * c2, z, codebook.t(), alpha=2 * beta)
 
 
-def row_chunks(n_rows: int, codebook_size: int):
-    """Slices of at most CHUNK_ELEMENTS // K rows: the unit of all N×K work."""
-    rows = max(1, CHUNK_ELEMENTS // codebook_size)
-    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
-
-
 class BAEStep(torch.autograd.Function):
-    """The last BA E-step and its uses, chunked over rows so that no N×K matrix is ever whole:
-    z (N, D), codebook (K, D), log_q (K,) a constant prior → z_q_soft = p @ codebook (N, D),
-    Q = mean_n p (K,), idx = argmax_k p (N,). Backward recomputes p chunk by chunk (one extra
-    matmul) instead of keeping it: with G = dL/dlogits = p ⊙ (a − Σ_k p·a), a = dL/dp,
+    """The last BA E-step and its uses, in row chunks: z (N, D), codebook (K, D), log_q (K,) a
+    constant prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,).
+
+    z_q is the expectation Σ_k p(k|e)·c_k (soft), or the code c_idx (hard) with the gradient of the
+    expectation: the value of z_q_soft + sg(c_idx − z_q_soft), without computing z_q_soft.
+    p is kept for backward when N·K ≤ KEEP_ELEMENTS and recomputed chunk by chunk (one more matmul)
+    otherwise, so no N×K matrix is ever whole for large K. With a = dL/dp = g_zq·Cᵀ + g_Q/N and
+    G = dL/dlogits = p ⊙ (a − Σ_k p·a):
       dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G."""
 
     @staticmethod
-    def forward(ctx, z, codebook, log_q, beta: float):
+    def forward(ctx, z, codebook, log_q, beta: float, hard: bool):
+        N, K = z.shape[0], codebook.shape[0]
         c2 = codebook.pow(2).sum(1)
-        z_q = torch.empty_like(z)
-        p_sum = torch.zeros_like(c2)
-        idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        for rows in row_chunks(z.shape[0], codebook.shape[0]):
+        p_sum, idx = torch.zeros_like(c2), torch.empty(N, dtype=torch.long, device=z.device)
+        z_q = None if hard else torch.empty_like(z)
+        kept = []  # p chunk by chunk, when it is kept for backward
+        for rows in row_chunks(N, K):
             logits = ba_logits(z[rows], codebook, c2, log_q, beta)               # (n, K)
             idx[rows] = logits.argmax(1)
             p = torch.softmax(logits, dim=1)
-            torch.mm(p, codebook, out=z_q[rows])
+            if not hard:
+                torch.mm(p, codebook, out=z_q[rows])
             p_sum += p.sum(0)
-        ctx.save_for_backward(z, codebook, log_q)
+            if N * K <= KEEP_ELEMENTS:
+                kept.append(p)
+        if hard:
+            z_q = codebook.index_select(0, idx)
+        ctx.save_for_backward(z, codebook, log_q, *kept)
         ctx.beta = beta
         ctx.mark_non_differentiable(idx)
-        return z_q, p_sum / z.shape[0], idx
+        return z_q, p_sum / N, idx
 
     @staticmethod
     def backward(ctx, g_zq, g_Q, _):
-        z, codebook, log_q = ctx.saved_tensors
+        z, codebook, log_q, *kept = ctx.saved_tensors
         beta, N = ctx.beta, z.shape[0]
         c2 = codebook.pow(2).sum(1)
         g_z, g_c, g_logit_sum = torch.empty_like(z), torch.zeros_like(codebook), torch.zeros_like(c2)
-        for rows in row_chunks(N, codebook.shape[0]):
+        for i, rows in enumerate(row_chunks(N, codebook.shape[0])):
             z_c, g_c_rows = z[rows], g_zq[rows]
-            p = torch.softmax(ba_logits(z_c, codebook, c2, log_q, beta), dim=1)    # (n, K), recomputed
+            if kept:
+                p = kept[i]
+            else:
+                p = torch.softmax(ba_logits(z_c, codebook, c2, log_q, beta), dim=1)  # (n, K), recomputed
             g_c.addmm_(p.t(), g_c_rows)                                            # from z_q_soft = p @ C
             a = torch.addmm(g_Q / N, g_c_rows, codebook.t())                       # dL/dp (n, K)
-            G = p.mul_(a.sub_((p * a).sum(1, keepdim=True)))                        # dL/dlogits, in p's memory
+            G = a.sub_(torch.linalg.vecdot(p, a).unsqueeze(1)).mul_(p)             # dL/dlogits, in a's memory
             torch.mm(G, codebook, out=g_z[rows])
             g_c.addmm_(G.t(), z_c, alpha=2 * beta)
             g_logit_sum += G.sum(0)
         g_z.mul_(2 * beta)
         g_c.addcmul_(codebook, g_logit_sum.unsqueeze(1), value=-2 * beta)
-        return g_z, g_c, None, None
+        return g_z, g_c, None, None, None
 
 
 class BAVQ(Quantizer):
@@ -706,11 +722,7 @@ class BAVQ(Quantizer):
             # with an EMA codebook, autograd must see a snapshot: ema_update changes the codebook in place
             codebook = self.codebook.clone() if self.ema else self.codebook
             log_q = self.prior_after_iterations(z, codebook)                     # (K,), no gradient
-            z_q_soft, Q, idx = BAEStep.apply(z, codebook, log_q, self.beta)      # (N, D), (K,), (N,)
-            if self.output == "hard":
-                z_q = z_q_soft + (F.embedding(idx, codebook) - z_q_soft).detach()
-            else:
-                z_q = z_q_soft
+            z_q, Q, idx = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard")  # (N, D), (K,), (N,)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}

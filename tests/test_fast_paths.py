@@ -7,42 +7,53 @@ import torch
 import vqvae
 
 
-def reference_e_step(z, codebook, log_q, beta):
-    """The last BA E-step written plainly, whole N×K matrices and autograd."""
+def reference_e_step(z, codebook, log_q, beta, hard):
+    """The last BA E-step written plainly: whole N×K matrices, autograd, and the hard output as
+    z_q_soft + sg(c_idx − z_q_soft)."""
     d = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
     p = torch.softmax(log_q - beta * d, dim=1)
-    return p @ codebook, p.mean(0), p.argmax(1)
+    z_q_soft, idx = p @ codebook, p.argmax(1)
+    z_q = z_q_soft + (codebook[idx] - z_q_soft).detach() if hard else z_q_soft
+    return z_q, p.mean(0), idx
 
 
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("keep_p", [True, False])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
-def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows):
+def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p, hard):
     torch.manual_seed(1)
     N, D, K, beta = 64, 5, 13, 1.7
     monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", chunk_rows * K)
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K if keep_p else N * K - 1)
     z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
     log_q = torch.log_softmax(torch.randn(K, dtype=torch.float64), 0)
     g_zq, g_Q = torch.randn(N, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
 
-    z_q, Q, idx = reference_e_step(z, codebook, log_q, beta)
+    z_q, Q, idx = reference_e_step(z, codebook, log_q, beta, hard)
     ((z_q * g_zq).sum() + (Q * g_Q).sum()).backward()
     ref_grads = z.grad.clone(), codebook.grad.clone()
     z.grad = codebook.grad = None
 
-    z_q2, Q2, idx2 = vqvae.BAEStep.apply(z, codebook, log_q, beta)
+    z_q2, Q2, idx2 = vqvae.BAEStep.apply(z, codebook, log_q, beta, hard)
     ((z_q2 * g_zq).sum() + (Q2 * g_Q).sum()).backward()
     assert torch.allclose(z_q2, z_q, atol=1e-12) and torch.allclose(Q2, Q, atol=1e-12)
     assert torch.equal(idx2, idx)
+    if hard:
+        assert torch.equal(z_q2, codebook[idx].detach())
     assert torch.allclose(z.grad, ref_grads[0], atol=1e-12)
     assert torch.allclose(codebook.grad, ref_grads[1], atol=1e-12)
 
 
-def test_ba_e_step_passes_gradcheck():
+@pytest.mark.parametrize("keep_p", [True, False])
+def test_ba_e_step_passes_gradcheck(monkeypatch, keep_p):
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 4 * 4)
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", 10**6 if keep_p else 0)
     torch.manual_seed(2)
     z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     log_q = torch.log_softmax(torch.randn(4, dtype=torch.float64), 0)
-    assert torch.autograd.gradcheck(lambda z, c: vqvae.BAEStep.apply(z, c, log_q, 0.8)[:2], (z, codebook))
+    assert torch.autograd.gradcheck(lambda z, c: vqvae.BAEStep.apply(z, c, log_q, 0.8, False)[:2], (z, codebook))
 
 
 @pytest.mark.parametrize("prior", ["uniform", "running"])

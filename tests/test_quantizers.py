@@ -192,32 +192,40 @@ def test_ba_entropy_loss_is_minus_weighted_entropy_of_Q():
     assert losses["entropy"].item() == pytest.approx(0.3 * (Q * Q.log()).sum().item(), rel=1e-5)
 
 
-def saved_nk_tensors(q, z_e, n_rows, K):
-    """Distinct tensors of at least N×K elements that autograd keeps for the backward pass."""
+def saved_nk_elements(q, z_e, at_least):
+    """Elements of the distinct tensors of at least `at_least` elements that autograd keeps for
+    the backward pass."""
     kept = {}
 
     def pack(t):
-        if t.numel() >= n_rows * K:
+        if t.numel() >= at_least:
             kept[t.untyped_storage().data_ptr()] = t.numel()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         q(z_e)
-    return len(kept)
+    return sum(kept.values())
 
 
 @pytest.mark.parametrize("iters", [1, 5])
 @pytest.mark.parametrize("update", ["grad", "ema"])
-def test_ba_keeps_no_nk_matrix_for_backward_whatever_ba_iters(iters, update):
-    q = ba(beta=1.0, ba_iters=iters, codebook_size=256, ba_codebook_update=update)
+def test_ba_keeps_at_most_one_bounded_nk_matrix_for_backward(monkeypatch, iters, update):
+    """p(k|e) is kept for backward only while N·K ≤ KEEP_ELEMENTS, and then once (in chunks),
+    whatever ba_iters is; above that nothing of size N×K is kept."""
+    N, K = 4 * 64, 256
+    q = ba(beta=1.0, ba_iters=iters, codebook_size=K, ba_codebook_update=update)
     z_e = latents(B=4, H=8, W=8, requires_grad=True)
-    assert saved_nk_tensors(q, z_e, 4 * 64, 256) == 0
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 64 * K)
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K)
+    assert saved_nk_elements(q, z_e, 64 * K) == N * K
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K - 1)
+    assert saved_nk_elements(q, z_e, 64 * K) == 0
 
 
 def test_vq_ema_keeps_no_nk_matrix_for_backward():
     q = make("vq_ema", codebook_size=256).train()
     z_e = latents(B=4, H=8, W=8, requires_grad=True)
-    assert saved_nk_tensors(q, z_e, 4 * 64, 256) == 0
+    assert saved_nk_elements(q, z_e, 4 * 64 * 256) == 0
 
 
 # --- both ------------------------------------------------------------------------------------
