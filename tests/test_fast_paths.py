@@ -139,3 +139,21 @@ def test_kmeans_lloyd_steps_do_not_increase_distortion():
         centers = vqvae.kmeans(x, 300, iters=iters, generator=gen())
         costs.append(vqvae.squared_distances(x, centers).min(1).values.mean().item())
     assert costs[0] >= costs[1] >= costs[2]
+
+
+@pytest.mark.parametrize("K", [64, 512, 16384, 100])
+def test_blockwise_argmax_equals_argmax_including_ties(K):
+    torch.manual_seed(8)
+    scores = torch.randint(0, 5, (300, K)).float()  # many ties: the first maximum must win
+    scores[7] = 0.0                                # a row that is all ties
+    assert torch.equal(vqvae.argmax_rows(scores), scores.argmax(1))
+    scores = torch.randn(300, K)
+    assert torch.equal(vqvae.argmax_rows(scores), scores.argmax(1))
+
+
+def test_nearest_code_with_bias_over_many_chunks_equals_the_full_matrix(monkeypatch):
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 3 * 128)  # 3 rows per chunk, many chunks
+    z, codebook = torch.randn(1000, 8, dtype=torch.float64), torch.randn(128, 8, dtype=torch.float64)
+    bias = torch.randn(128, dtype=torch.float64)
+    expected = (bias - vqvae.squared_distances(z, codebook)).argmax(1)
+    assert torch.equal(vqvae.nearest_code(z, codebook, bias), expected)
