@@ -474,17 +474,19 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 # indices (B, H, W)). All distance and assignment math runs in fp32, also under autocast.
 # ---------------------------------------------------------------------------------------------
 
-# N×K work (distances, BA logits) runs in row chunks of at most CHUNK_ELEMENTS entries (2 MiB in
-# fp32: small enough to stay in a core's cache, large enough for efficient matmuls), so memory is O(chunk × K)
-# whatever N is. The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most
-# KEEP_ELEMENTS entries (64 MiB) and recomputes it chunk by chunk when it is larger.
+# N×K work (distances, BA logits) runs in row chunks of CHUNK_ELEMENTS entries (2 MiB in fp32:
+# small enough to stay in a core's cache, large enough for efficient matmuls) and at least
+# MIN_CHUNK_ROWS rows (below that the matmuls starve), so memory is O(chunk × K) whatever N is.
+# The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most KEEP_ELEMENTS
+# entries (64 MiB) and recomputes it chunk by chunk when it is larger.
 CHUNK_ELEMENTS = 2**19
+MIN_CHUNK_ROWS = 32
 KEEP_ELEMENTS = 2**24
 
 
 def row_chunks(n_rows: int, codebook_size: int):
-    """Slices of at most CHUNK_ELEMENTS // K rows: the unit of all N×K work."""
-    rows = max(1, CHUNK_ELEMENTS // codebook_size)
+    """Slices of max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // K) rows: the unit of all N×K work."""
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // codebook_size)
     return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 

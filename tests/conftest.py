@@ -21,3 +21,9 @@ def tiny_config(tmp_path, **overrides):
                   out_dir=str(tmp_path / "experiments"), name="run", device="cpu")
     values.update(overrides)
     return vqvae.load_config(overrides=values)
+
+
+def set_chunk_rows(monkeypatch, rows: int, codebook_size: int) -> None:
+    """Make the quantizers' N×K work run in chunks of `rows` rows."""
+    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", rows * codebook_size)
+    monkeypatch.setattr(vqvae, "MIN_CHUNK_ROWS", 1)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vqvae
+from conftest import set_chunk_rows
 
 
 def reference_e_step(z, codebook, log_q, beta, hard):
@@ -23,7 +24,7 @@ def reference_e_step(z, codebook, log_q, beta, hard):
 def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p, hard):
     torch.manual_seed(1)
     N, D, K, beta = 64, 5, 13, 1.7
-    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", chunk_rows * K)
+    set_chunk_rows(monkeypatch, chunk_rows, K)
     monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K if keep_p else N * K - 1)
     z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
@@ -47,7 +48,7 @@ def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p
 
 @pytest.mark.parametrize("keep_p", [True, False])
 def test_ba_e_step_passes_gradcheck(monkeypatch, keep_p):
-    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 4 * 4)
+    set_chunk_rows(monkeypatch, 4, 4)
     monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", 10**6 if keep_p else 0)
     torch.manual_seed(2)
     z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
@@ -68,7 +69,7 @@ def test_ba_iterations_chunked_equal_whole(monkeypatch, prior):
     z_e = torch.randn(3, 4, 4, 4, requires_grad=True)
 
     def run(chunk_rows):
-        monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", chunk_rows * 24)
+        set_chunk_rows(monkeypatch, chunk_rows, 24)
         q.zero_grad()
         z_e.grad = None
         z_q, losses, idx = q(z_e)
@@ -152,7 +153,7 @@ def test_blockwise_argmax_equals_argmax_including_ties(K):
 
 
 def test_nearest_code_with_bias_over_many_chunks_equals_the_full_matrix(monkeypatch):
-    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 3 * 128)  # 3 rows per chunk, many chunks
+    set_chunk_rows(monkeypatch, 3, 128)  # many chunks
     z, codebook = torch.randn(1000, 8, dtype=torch.float64), torch.randn(128, 8, dtype=torch.float64)
     bias = torch.randn(128, dtype=torch.float64)
     expected = (bias - vqvae.squared_distances(z, codebook)).argmax(1)

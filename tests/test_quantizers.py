@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vqvae
+from conftest import set_chunk_rows
 
 
 def make(quantizer, **overrides):
@@ -215,7 +216,7 @@ def test_ba_keeps_at_most_one_bounded_nk_matrix_for_backward(monkeypatch, iters,
     N, K = 4 * 64, 256
     q = ba(beta=1.0, ba_iters=iters, codebook_size=K, ba_codebook_update=update)
     z_e = latents(B=4, H=8, W=8, requires_grad=True)
-    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 64 * K)
+    set_chunk_rows(monkeypatch, 64, K)
     monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K)
     assert saved_nk_elements(q, z_e, 64 * K) == N * K
     monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K - 1)
@@ -278,7 +279,7 @@ def test_gradient_reaches_the_encoder(quantizer):
 def test_nearest_code_chunks_agree_with_the_full_matrix(monkeypatch):
     z, codebook = torch.randn(300, 5), torch.randn(40, 5)
     full = vqvae.squared_distances(z, codebook).argmin(1)
-    monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", 40 * 7)  # 7 rows per chunk
+    set_chunk_rows(monkeypatch, 7, 40)
     assert torch.equal(vqvae.nearest_code(z, codebook), full)
 
 
