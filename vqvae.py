@@ -475,20 +475,23 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 # indices (B, H, W)). All distance and assignment math runs in fp32, also under autocast.
 # ---------------------------------------------------------------------------------------------
 
-# N×K work (distances, BA logits) runs in row chunks of CHUNK_ELEMENTS entries (2 MiB in fp32:
-# small enough to stay in a core's cache, large enough for efficient matmuls) and at least
-# MIN_CHUNK_ROWS rows (below that the matmuls starve), so memory is O(chunk × K) whatever N is.
+# N×K work (distances, BA logits) runs in row chunks, so memory is O(chunk × K) whatever N is. On a
+# CPU a chunk holds CHUNK_ELEMENTS entries (2 MiB in fp32: small enough to stay in a core's cache,
+# large enough for efficient matmuls) and at least MIN_CHUNK_ROWS rows (below that the matmuls
+# starve); on a GPU, where every chunk costs kernel launches, GPU_CHUNK_ELEMENTS (64 MiB).
 # The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most KEEP_ELEMENTS
 # entries (64 MiB) and recomputes it chunk by chunk when it is larger.
 CHUNK_ELEMENTS = 2**19
+GPU_CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_ROWS = 32
 KEEP_ELEMENTS = 2**24
 
 
-def row_chunks(n_rows: int, codebook_size: int):
-    """Slices of max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // K) rows: the unit of all N×K work."""
-    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // codebook_size)
-    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+def row_chunks(z: torch.Tensor, codebook: torch.Tensor):
+    """Row slices of z (N, D) for work against codebook (K, D): the unit of all N×K work."""
+    budget = CHUNK_ELEMENTS if z.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    rows = max(MIN_CHUNK_ROWS, budget // codebook.shape[0])
+    return [slice(start, start + rows) for start in range(0, z.shape[0], rows)]
 
 
 def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -502,11 +505,11 @@ ARGMAX_BLOCK = 64
 
 def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """scores (n, K) → (n,) index of the first maximum of each row, as scores.argmax(1) gives.
-    When K is a multiple of ARGMAX_BLOCK, it takes the maximum of each block of 64 codes first (a
-    vectorised pass, ~10x faster than argmax on CPU), then the argmax among the block maxima and
-    within the winning block: 3x faster at K=16,384."""
+    On a CPU, when K is a multiple of ARGMAX_BLOCK, it takes the maximum of each block of 64 codes
+    first (a vectorised pass, ~10x faster than argmax there), then the argmax among the block
+    maxima and within the winning block: 3x faster at K=16,384."""
     n, K = scores.shape
-    if K % ARGMAX_BLOCK:
+    if K % ARGMAX_BLOCK or scores.device.type != "cpu":
         return scores.argmax(1)
     blocks = scores.view(n, K // ARGMAX_BLOCK, ARGMAX_BLOCK)
     best = blocks.amax(2).argmax(1, keepdim=True)                                     # (n, 1)
@@ -522,7 +525,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.T
     with torch.no_grad():
         score_bias = -codebook.pow(2).sum(1) if bias is None else bias - codebook.pow(2).sum(1)
         idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        for rows in row_chunks(z.shape[0], codebook.shape[0]):
+        for rows in row_chunks(z, codebook):
             idx[rows] = argmax_rows(torch.addmm(score_bias, z[rows], codebook.t(), alpha=2))
         return idx
 
@@ -638,7 +641,7 @@ class BAEStep(torch.autograd.Function):
         p_sum, idx = torch.zeros_like(c2), torch.empty(N, dtype=torch.long, device=z.device)
         z_q = None if hard else torch.empty_like(z)
         kept = []  # p chunk by chunk, when it is kept for backward
-        for rows in row_chunks(N, K):
+        for rows in row_chunks(z, codebook):
             logits = ba_logits(z[rows], codebook, c2, log_q, beta)               # (n, K)
             idx[rows] = argmax_rows(logits)
             p = torch.softmax(logits, dim=1)
@@ -660,7 +663,7 @@ class BAEStep(torch.autograd.Function):
         beta, N = ctx.beta, z.shape[0]
         c2 = codebook.pow(2).sum(1)
         g_z, g_c, g_logit_sum = torch.empty_like(z), torch.zeros_like(codebook), torch.zeros_like(c2)
-        for i, rows in enumerate(row_chunks(N, codebook.shape[0])):
+        for i, rows in enumerate(row_chunks(z, codebook)):
             z_c, g_c_rows = z[rows], g_zq[rows]
             if kept:
                 p = kept[i]
@@ -716,7 +719,7 @@ class BAVQ(Quantizer):
         log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
         for _ in range(self.ba_iters - 1):
             log_mass = torch.full_like(log_q, -math.inf)                         # log Σ_n p(k|e_n)
-            for rows in row_chunks(z.shape[0], codebook.shape[0]):
+            for rows in row_chunks(z, codebook):
                 log_p = torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1)
                 torch.logaddexp(log_mass, torch.logsumexp(log_p, 0), out=log_mass)
             log_q = log_mass - math.log(z.shape[0])
@@ -726,7 +729,7 @@ class BAVQ(Quantizer):
     def soft_sums(self, z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """Σ_n p(k|e_n)·e_n (K, D), for the EMA codebook update, chunk by chunk."""
         c2, sums = codebook.pow(2).sum(1), torch.zeros_like(codebook)
-        for rows in row_chunks(z.shape[0], codebook.shape[0]):
+        for rows in row_chunks(z, codebook):
             sums.addmm_(torch.softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1).t(), z[rows])
         return sums
 

@@ -1,5 +1,6 @@
 """Every fast path keeps the exact semantics of the plain computation it replaces."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -98,27 +99,37 @@ def test_ba_iterations_match_a_plain_loop():
     assert torch.allclose(q.prior_after_iterations(z, codebook).exp(), Q, atol=1e-6)
 
 
+def twin_models(cfg, **fast_overrides):
+    """The model as configured and a copy with the fast path turned on, with the same weights."""
+    plain = vqvae.build_model(cfg, torch.device("cpu"))
+    fast = vqvae.build_model(vqvae.dataclasses.replace(cfg, **fast_overrides), torch.device("cpu"))
+    fast.load_state_dict(plain.state_dict())  # same keys: the fast paths work in place
+    return plain, fast
+
+
+def assert_same_training_step(plain, fast, x_plain, x_fast):
+    """Equal reconstructions, codes, and gradients at both ends of the model."""
+    outputs = []
+    for model, x in ((plain, x_plain), (fast, x_fast)):
+        x_hat, losses, idx = model(x)
+        sum(losses.values()).backward()
+        outputs.append((x_hat.detach(), idx, model.encoder[0].weight.grad.clone(), model.decoder[-1].weight.grad.clone()))
+    (x_hat, idx, g_first, g_last), (x_hat2, idx2, g_first2, g_last2) = outputs
+    assert torch.allclose(x_hat, x_hat2, atol=1e-5) and torch.equal(idx, idx2)
+    assert torch.allclose(g_first, g_first2, atol=1e-5) and torch.allclose(g_last, g_last2, atol=1e-5)
+
+
 @pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
 def test_channels_last_equals_contiguous(quantizer):
     torch.manual_seed(5)
     cfg = vqvae.load_config(overrides=dict(quantizer=quantizer, codebook_size=16, n_hid=8, latent_dim=4,
                                            arch="resnet", channels_last=False))
-    plain = vqvae.build_model(cfg, torch.device("cpu"))
-    fast = vqvae.build_model(vqvae.dataclasses.replace(cfg, channels_last=True), torch.device("cpu"))
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = twin_models(cfg, channels_last=True)
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8).numpy()
     x_u8 = vqvae.to_device_uint8(images, torch.device("cpu"))
-    perm = torch.arange(6)
-    outputs = []
-    for model, layout in ((plain, False), (fast, True)):
-        x = vqvae.get_batch(x_u8, perm, 0, 6, channels_last=layout)
-        assert x.is_contiguous(memory_format=torch.channels_last) == layout
-        x_hat, losses, idx = model(x)
-        sum(losses.values()).backward()
-        outputs.append((x_hat.detach(), idx, model.encoder[0].weight.grad.clone()))
-    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
-    assert torch.equal(outputs[0][1], outputs[1][1])
-    assert torch.allclose(outputs[0][2], outputs[1][2], atol=1e-5)
+    x_plain, x_fast = (vqvae.get_batch(x_u8, torch.arange(6), 0, 6, channels_last=layout) for layout in (False, True))
+    assert x_plain.is_contiguous() and x_fast.is_contiguous(memory_format=torch.channels_last)
+    assert_same_training_step(plain, fast, x_plain, x_fast)
 
 
 def test_batched_kmeans_seeding_draws_distinct_data_points():
@@ -158,3 +169,13 @@ def test_nearest_code_with_bias_over_many_chunks_equals_the_full_matrix(monkeypa
     bias = torch.randn(128, dtype=torch.float64)
     expected = (bias - vqvae.squared_distances(z, codebook)).argmax(1)
     assert torch.equal(vqvae.nearest_code(z, codebook, bias), expected)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_encoder_and_decoder_equal_eager():
+    torch.manual_seed(9)
+    cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=16, n_hid=8, latent_dim=4))
+    plain, fast = twin_models(cfg, compile=True)
+    x = (torch.rand(4, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    assert_same_training_step(plain, fast, x, x)
