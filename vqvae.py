@@ -625,7 +625,8 @@ def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: 
 
 class BAEStep(torch.autograd.Function):
     """The last BA E-step and its uses, in row chunks: z (N, D), codebook (K, D), log_q (K,) a
-    constant prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,).
+    constant prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
+    soft-weighted sums Σ_n p(k|e_n)·e_n (K, D) for an EMA codebook (else an empty tensor).
 
     z_q is the expectation Σ_k p(k|e)·c_k (soft), or the code c_idx (hard) with the gradient of the
     expectation: the value of z_q_soft + sg(c_idx − z_q_soft), without computing z_q_soft.
@@ -635,11 +636,12 @@ class BAEStep(torch.autograd.Function):
       dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G."""
 
     @staticmethod
-    def forward(ctx, z, codebook, log_q, beta: float, hard: bool):
+    def forward(ctx, z, codebook, log_q, beta: float, hard: bool, sums: bool):
         N, K = z.shape[0], codebook.shape[0]
         c2 = codebook.pow(2).sum(1)
         p_sum, idx = torch.zeros_like(c2), torch.empty(N, dtype=torch.long, device=z.device)
         z_q = None if hard else torch.empty_like(z)
+        soft_sums = torch.zeros_like(codebook) if sums else codebook.new_empty(0)
         kept = []  # p chunk by chunk, when it is kept for backward
         for rows in row_chunks(z, codebook):
             logits = ba_logits(z[rows], codebook, c2, log_q, beta)               # (n, K)
@@ -647,6 +649,8 @@ class BAEStep(torch.autograd.Function):
             p = torch.softmax(logits, dim=1)
             if not hard:
                 torch.mm(p, codebook, out=z_q[rows])
+            if sums:
+                soft_sums.addmm_(p.t(), z[rows])
             p_sum += p.sum(0)
             if N * K <= KEEP_ELEMENTS:
                 kept.append(p)
@@ -654,11 +658,11 @@ class BAEStep(torch.autograd.Function):
             z_q = codebook.index_select(0, idx)
         ctx.save_for_backward(z, codebook, log_q, *kept)
         ctx.beta = beta
-        ctx.mark_non_differentiable(idx)
-        return z_q, p_sum / N, idx
+        ctx.mark_non_differentiable(idx, soft_sums)
+        return z_q, p_sum / N, idx, soft_sums
 
     @staticmethod
-    def backward(ctx, g_zq, g_Q, _):
+    def backward(ctx, g_zq, g_Q, _idx, _sums):
         z, codebook, log_q, *kept = ctx.saved_tensors
         beta, N = ctx.beta, z.shape[0]
         c2 = codebook.pow(2).sum(1)
@@ -677,7 +681,7 @@ class BAEStep(torch.autograd.Function):
             g_logit_sum += G.sum(0)
         g_z.mul_(2 * beta)
         g_c.addcmul_(codebook, g_logit_sum.unsqueeze(1), value=-2 * beta)
-        return g_z, g_c, None, None, None
+        return g_z, g_c, None, None, None, None
 
 
 class BAVQ(Quantizer):
@@ -725,14 +729,6 @@ class BAVQ(Quantizer):
             log_q = log_mass - math.log(z.shape[0])
         return log_q
 
-    @torch.no_grad()
-    def soft_sums(self, z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """Σ_n p(k|e_n)·e_n (K, D), for the EMA codebook update, chunk by chunk."""
-        c2, sums = codebook.pow(2).sum(1), torch.zeros_like(codebook)
-        for rows in row_chunks(z, codebook):
-            sums.addmm_(torch.softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1).t(), z[rows])
-        return sums
-
     def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
         log_q = self.prior_after_iterations(z, codebook)
@@ -751,12 +747,12 @@ class BAVQ(Quantizer):
             # with an EMA codebook, autograd must see a snapshot: ema_update changes the codebook in place
             codebook = self.codebook.clone() if self.ema else self.codebook
             log_q = self.prior_after_iterations(z, codebook)                     # (K,), no gradient
-            z_q, Q, idx = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard")  # (N, D), (K,), (N,)
+            z_q, Q, idx, sums = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard", self.ema)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
             if self.ema:
-                self.ema_update(Q.detach() * z.shape[0], self.soft_sums(z, codebook, log_q))
+                self.ema_update(Q.detach() * z.shape[0], sums)
             else:
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
             if self.prior_mode == "running":

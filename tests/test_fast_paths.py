@@ -37,10 +37,12 @@ def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p
     ref_grads = z.grad.clone(), codebook.grad.clone()
     z.grad = codebook.grad = None
 
-    z_q2, Q2, idx2 = vqvae.BAEStep.apply(z, codebook, log_q, beta, hard)
+    z_q2, Q2, idx2, sums = vqvae.BAEStep.apply(z, codebook, log_q, beta, hard, True)
     ((z_q2 * g_zq).sum() + (Q2 * g_Q).sum()).backward()
     assert torch.allclose(z_q2, z_q, atol=1e-12) and torch.allclose(Q2, Q, atol=1e-12)
     assert torch.equal(idx2, idx)
+    p = torch.softmax(log_q - beta * vqvae.squared_distances(z, codebook), dim=1).detach()
+    assert torch.allclose(sums, p.t() @ z.detach(), atol=1e-10)
     if hard:
         assert torch.equal(z_q2, codebook[idx].detach())
     assert torch.allclose(z.grad, ref_grads[0], atol=1e-12)
@@ -55,7 +57,7 @@ def test_ba_e_step_passes_gradcheck(monkeypatch, keep_p):
     z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     log_q = torch.log_softmax(torch.randn(4, dtype=torch.float64), 0)
-    assert torch.autograd.gradcheck(lambda z, c: vqvae.BAEStep.apply(z, c, log_q, 0.8, False)[:2], (z, codebook))
+    assert torch.autograd.gradcheck(lambda z, c: vqvae.BAEStep.apply(z, c, log_q, 0.8, False, False)[:2], (z, codebook))
 
 
 @pytest.mark.parametrize("prior", ["uniform", "running"])
