@@ -54,9 +54,11 @@ def measure_ours(args) -> dict:
 
     import vqvae
 
+    # codes seeded from encoder outputs (k-means++ without Lloyd steps, untimed), as in real runs:
+    # the ±1/K uniform init makes activations tiny and, on CPU, slows the steps with denormals
     cfg = vqvae.load_config(overrides=dict(
         arch=args.arch, quantizer=args.quantizer, codebook_size=args.K, ba_iters=args.ba_iters,
-        precision=args.precision, batch_size=args.batch, device=args.device, codebook_init="uniform",
+        precision=args.precision, batch_size=args.batch, device=args.device, kmeans_iters=0,
         compile=args.compile))
     device = vqvae.pick_device(cfg.device)
     data = vqvae.np.load(args.data)
@@ -65,6 +67,7 @@ def measure_ours(args) -> dict:
     model = vqvae.build_model(cfg, device)
     optimizer = vqvae.make_optimizer(model, cfg)
     gen = torch.Generator(device=device).manual_seed(0)
+    vqvae.init_codebook_from_data(model, x_train, cfg, gen)
     perm = torch.randperm(len(x_train), generator=gen, device=device)
 
     def step(i):
@@ -74,6 +77,7 @@ def measure_ours(args) -> dict:
     images_per_s = images_per_second(step, device, args, cfg.batch_size)
     result = {"train_images_per_s": images_per_s}
     if args.K in args.eval_K:  # the whole validation set, timed against one epoch at this speed
+        vqvae.evaluate(model, x_test[:cfg.eval_batch_size], cfg.eval_batch_size, cfg.precision)  # warm-up (compile)
         t0 = time.perf_counter()
         vqvae.evaluate(model, x_test, cfg.eval_batch_size, cfg.precision)
         vqvae.sync(device)
@@ -156,7 +160,7 @@ def write_npz(data_dir: Path, path: Path) -> None:
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="image folder with train/ and test/ (e.g. the CIFAR-10 JPEG copy) or an .npz")
+    ap.add_argument("--data", help="image folder with train/ and test/ (e.g. the CIFAR-10 JPEG copy) or an .npz")
     ap.add_argument("--arch", nargs="+", default=["small", "resnet"])
     ap.add_argument("--quantizer", nargs="+", default=["vq_ema", "ba_vq"])
     ap.add_argument("--K", nargs="+", type=int, default=[512, 2048, 16384, 65536])
@@ -176,8 +180,12 @@ def parse_args():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     ap.add_argument("--plot", help="also draw images/s and peak memory against K into this PNG")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; seed_ref runs on the CPU only, so it is skipped elsewhere")
+    ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON as Markdown, and stop")
     ap.add_argument("--worker", choices=["ours", "library"], help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if not (args.data or args.report):
+        ap.error("--data is required: the image folder (e.g. /tmp/cifar10-jpeg) or an .npz of x_train/x_test")
+    return args
 
 
 def plan(args, data: Path) -> list:
@@ -217,6 +225,9 @@ def plan(args, data: Path) -> list:
 
 def main():
     args = parse_args()
+    if args.report:
+        print(markdown_report(json.loads(Path(args.report).read_text())))
+        return
     if args.worker:  # one measurement, inside a child process
         one = {"ours": measure_ours, "library": measure_library}[args.worker]
         args.arch, args.quantizer, args.K = args.arch[0], args.quantizer[0], args.K[0]
@@ -316,6 +327,22 @@ def compute_ratios(rows) -> list:
             v = vq_ema[(r["arch"], r["K"], r["precision"])]
             out.append({"what": f"{name} step time ba_vq/vq_ema", "ratio": v["train_images_per_s"] / r["train_images_per_s"]})
     return out
+
+
+def markdown_report(result: dict) -> str:
+    """The rows and ratios of a run as Markdown tables, for BENCHMARKS.md."""
+    lines = ["| arch | quantizer | ba_iters | K | trainer | precision | images/s | peak RSS GiB | eval / epoch |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        head = f"| {r['arch']} | {r['quantizer']} | {r['ba_iters']} | {r['K']} | {r['impl']} | {r['precision']} |"
+        if "skipped" in r:
+            lines.append(f"{head} skipped: {r['skipped']} | | |")
+        else:
+            share = f"{r['eval_over_epoch']:.3f}" if "eval_over_epoch" in r else ""
+            lines.append(f"{head} {r['train_images_per_s']:.1f} | {r['peak_rss_gib']:.2f} | {share} |")
+    lines += ["", "| pair | ratio |", "|---|---:|"]
+    lines += [f"| {r['what']} | {r['ratio']:.2f} |" for r in result["ratios"]]
+    return "\n".join(lines)
 
 
 def plot_scaling(rows, path: Path) -> None:

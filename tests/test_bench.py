@@ -1,0 +1,64 @@
+"""bench/bench.py: the ratios it reports, and a tiny end-to-end run on generated data."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vqvae
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def row(impl, quantizer, images_per_s, peak, precision="fp32", K=512):
+    return {"arch": "small", "quantizer": quantizer, "ba_iters": 1, "K": K, "impl": impl, "precision": precision,
+            "train_images_per_s": images_per_s, "peak_rss_gib": peak}
+
+
+def test_ratios_are_taken_pair_by_pair():
+    rows = [row("ours", "vq_ema", 300.0, 1.0), row("seed_ref", "vq_ema", 100.0, 4.0), row("library", "vq_ema", 50.0, 2.0),
+            row("ours", "ba_vq", 200.0, 1.5), row("seed_ref", "ba_vq", 40.0, 3.0),
+            row("ours", "vq_ema", 900.0, 1.0, K=2048),  # no partner at K=2048: no ratio
+            {**row("seed_ref", "ba_vq", 0, 0, K=2048), "skipped": "predicted > 20 GiB"}]
+    ratios = {r["what"]: r["ratio"] for r in bench.compute_ratios(rows)}
+    assert ratios == pytest.approx({
+        "small vq_ema iters=1 K=512 fp32 speed ours/seed_ref": 3.0,
+        "small vq_ema iters=1 K=512 fp32 memory ours/seed_ref": 0.25,
+        "small vq_ema iters=1 K=512 fp32 speed ours/library": 6.0,
+        "small ba_vq iters=1 K=512 fp32 speed ours/seed_ref": 5.0,
+        "small ba_vq iters=1 K=512 fp32 memory ours/seed_ref": 0.5,
+        "small ba_vq iters=1 K=512 fp32 step time ba_vq/vq_ema": 1.5,
+    })
+
+
+def test_rounds_combine_to_the_median_speed_and_the_largest_memory():
+    rounds = [{"train_images_per_s": s, "peak_rss_gib": m} for s, m in ((10.0, 1.0), (30.0, 3.0), (20.0, 2.0))]
+    combined = bench.combine(rounds)
+    assert combined["train_images_per_s"] == 20.0 and combined["peak_rss_gib"] == 3.0
+    assert bench.combine([{"skipped": "failed: x"}]) == {"skipped": "failed: x"}
+
+
+def test_a_tiny_benchmark_runs_end_to_end(tmp_path):
+    data = tmp_path / "data.npz"  # seed_ref times 35 batches at this K: 35 · 4 ≤ 256 images
+    np.savez(data, x_train=vqvae.make_synthetic(256, seed=0), x_test=vqvae.make_synthetic(64, seed=1))
+    out = tmp_path / "results.json"
+    with_seed_ref = bench.SEED_REF.is_file()
+    cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), "--data", str(data), "--arch", "small",
+           "--K", "64", "--precision", "fp32", "--ba_iters", "1", "--batch", "4", "--steps", "2", "--warmup", "1",
+           "--eval_K", "64", "--no_library", "--out", str(out)] + ([] if with_seed_ref else ["--no_seed_ref"])
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    ours = [r for r in result["rows"] if r["impl"] == "ours"]
+    assert [r["quantizer"] for r in ours] == ["vq_ema", "ba_vq"]
+    assert all(r["train_images_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["eval_over_epoch"] > 0 for r in ours)
+    whats = [r["what"] for r in result["ratios"]]
+    assert "small ba_vq iters=1 K=64 fp32 step time ba_vq/vq_ema" in whats
+    if with_seed_ref:
+        assert "small vq_ema iters=1 K=64 fp32 speed ours/seed_ref" in whats
+    assert "| small | vq_ema | 1 | 64 | ours | fp32 |" in bench.markdown_report(result)
