@@ -18,7 +18,6 @@ import math
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,14 +542,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     if n < k:
         raise VQVAEError(f"k-means init needs at least K={k} vectors, got {n}")
     per_round = -(-k // KMEANS_SEEDING_ROUNDS)
-    centers = x[torch.randint(n, (1,), generator=generator, device=x.device)]
-    min_d = squared_distances(x, centers)[:, 0]
-    while len(centers) < k:
+    centers = x.new_empty(k, x.shape[1])
+    centers[:1] = x[torch.randint(n, (1,), generator=generator, device=x.device)]
+    min_d = squared_distances(x, centers[:1])[:, 0]
+    chosen = 1
+    while chosen < k:
         # the floor keeps the draw defined when points already coincide with centres
-        take = min(per_round, k - len(centers))
+        take = min(per_round, k - chosen)
         new = x[torch.multinomial(min_d.clamp_min(1e-30), take, replacement=False, generator=generator)]
         torch.minimum(min_d, squared_distances(x, new).min(1).values, out=min_d)
-        centers = torch.cat([centers, new])
+        centers[chosen:chosen + take] = new
+        chosen += take
     for _ in range(iters):
         assign = nearest_code(x, centers)
         counts = torch.zeros(k, device=x.device).index_add_(0, assign, torch.ones(n, device=x.device))
