@@ -114,6 +114,7 @@ CHOICES = {
     "ba_prior": ("uniform", "running"),
     "ba_codebook_update": ("grad", "ema"),
     "ba_output": ("hard", "soft"),
+    "grad_estimator": ("ste", "rotation"),
 }
 
 # Architecture presets: values for n_hid / latent_dim when the config leaves them empty.
@@ -147,6 +148,11 @@ class Config:
     kmeans_iters: int = _opt(10, "Lloyd iterations after k-means++ seeding")
     ema_decay: float = _opt(0.99, "decay of the EMA codebook statistics (vq_ema; ba_vq with ba_codebook_update ema)")
     ema_eps: float = _opt(1e-5, "Laplace smoothing of the EMA cluster sizes")
+    dead_code_threshold: float = _opt(0.0, "re-seed codes whose EMA usage (assignments per batch) falls below this "
+                                           "from random encoder outputs of the batch (0: off; EMA codebooks only)")
+    # --- vq_ema only
+    grad_estimator: str = _opt("ste", "gradient through the quantizer: ste (straight-through copy) or rotation "
+                                      "(rotation trick, Fifty et al. 2024)")
     # --- ba_vq only
     beta_start: float = _opt(0.5, "inverse temperature β at the start of training")
     beta_end: float = _opt(3.0, "β at the end of training (β_end < β_start anneals in reverse)")
@@ -172,6 +178,7 @@ class Config:
     # --- logging
     wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)")
     wandb_project: str = _opt("bavq", "W&B project name")
+    wandb_group: str = _opt("", "W&B run group (a sweep sets it to the study's name)")
 
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(Config))
@@ -259,7 +266,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise VQVAEError(f"{key} must be ≥ 1, got {getattr(cfg, key)}")
     positive = ("lr", "beta_start", "beta_end", "ema_eps")
-    non_negative = ("weight_decay", "commitment_weight", "entropy_weight", "codebook_weight")
+    non_negative = ("weight_decay", "commitment_weight", "entropy_weight", "codebook_weight", "dead_code_threshold")
     for key in positive + non_negative:
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
@@ -267,6 +274,10 @@ def validate(cfg: Config) -> Config:
     for key in ("ema_decay", "ba_prior_decay"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise VQVAEError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.quantizer == "ba_vq" and cfg.grad_estimator != "ste":
+        raise VQVAEError("grad_estimator rotation applies to vq_ema only; ba_vq's gradient flows through p(k|e)")
+    if cfg.dead_code_threshold > 0 and cfg.quantizer == "ba_vq" and cfg.ba_codebook_update != "ema":
+        raise VQVAEError("dead_code_threshold needs an EMA codebook: vq_ema, or ba_vq with ba_codebook_update ema")
     preset = ARCH_PRESETS[cfg.arch]
     return dataclasses.replace(cfg, n_hid=cfg.n_hid or preset["n_hid"], latent_dim=cfg.latent_dim or preset["latent_dim"])
 
@@ -567,10 +578,12 @@ class Quantizer(nn.Module):
     codebook is moved by EMA rather than by gradient) the EMA statistics in buffers, so that
     checkpoints carry them."""
 
-    def __init__(self, codebook_size: int, dim: int, ema: bool, ema_decay: float, ema_eps: float):
+    def __init__(self, codebook_size: int, dim: int, ema: bool, ema_decay: float, ema_eps: float,
+                 dead_code_threshold: float = 0.0):
         super().__init__()
         K = codebook_size
         self.codebook_size, self.dim, self.ema, self.ema_decay, self.ema_eps = K, dim, ema, ema_decay, ema_eps
+        self.dead_code_threshold = dead_code_threshold
         self.codebook = nn.Parameter(torch.empty(K, dim).uniform_(-1 / K, 1 / K), requires_grad=not ema)
         if ema:
             # cluster_size starts at one and embed_sum at the codebook, so codebook = embed_sum / cluster_size
@@ -594,15 +607,43 @@ class Quantizer(nn.Module):
         smoothed = (self.cluster_size + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
+    @torch.no_grad()
+    def reseed_dead_codes(self, z: torch.Tensor) -> None:
+        """Codes whose EMA usage (cluster_size, in assignments per batch) fell below
+        dead_code_threshold move to random rows of this batch's encoder outputs z (N, D), and their
+        statistics restart at the threshold's mass, so a re-seeded code stays while it wins at least
+        that many vectors per batch. Branch-free: it never reads a value back from the device."""
+        dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)      # (K, 1)
+        picks = z[torch.randint(z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
+        self.cluster_size.masked_fill_(dead.squeeze(1), self.dead_code_threshold)
+        self.embed_sum.copy_(torch.where(dead, picks * self.dead_code_threshold, self.embed_sum))
+        self.codebook.copy_(torch.where(dead, picks, self.codebook))
+
+
+def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick"): for rows z, q (N, D) returns q in value, with the gradient of s·R·z where R rotates the
+    direction ê of z onto the direction q̂ of q and s = ‖q‖/‖z‖, both treated as constants. So the
+    encoder sees the decoder's gradient rotated back into z's frame and rescaled, instead of the
+    straight-through copy. R = I − 2·r·rᵀ + 2·q̂·êᵀ with r = (ê + q̂)/‖ê + q̂‖ (two reflections)."""
+    eps = 1e-12
+    z_norm, q_norm = z.detach().norm(dim=1, keepdim=True), q.detach().norm(dim=1, keepdim=True)  # (N, 1)
+    e_hat, q_hat = z.detach() / z_norm.clamp_min(eps), q.detach() / q_norm.clamp_min(eps)         # (N, D)
+    r = F.normalize(e_hat + q_hat, dim=1, eps=eps)
+    rotated = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q_hat * (e_hat * z).sum(1, keepdim=True)
+    out = rotated * (q_norm / z_norm.clamp_min(eps))
+    return out + (q.detach() - out).detach()
+
 
 class VQEMA(Quantizer):
     """Nearest-code vector quantization with a straight-through gradient and an EMA codebook
     (van den Oord et al. 2017, "Neural Discrete Representation Learning", appendix A.1).
-    Loss: commitment_weight · ‖z_e − sg(z_q)‖²; the codebook moves only by EMA."""
+    Loss: commitment_weight · ‖z_e − sg(z_q)‖²; the codebook moves only by EMA. Options: the
+    rotation-trick gradient instead of straight-through, and re-seeding of dead codes."""
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg.codebook_size, cfg.latent_dim, True, cfg.ema_decay, cfg.ema_eps)
-        self.commitment_weight = cfg.commitment_weight
+        super().__init__(cfg.codebook_size, cfg.latent_dim, True, cfg.ema_decay, cfg.ema_eps, cfg.dead_code_threshold)
+        self.commitment_weight, self.grad_estimator = cfg.commitment_weight, cfg.grad_estimator
 
     def forward(self, z_e):
         with torch.autocast(z_e.device.type, enabled=False):
@@ -615,7 +656,12 @@ class VQEMA(Quantizer):
                 counts = torch.zeros(self.codebook_size, device=z.device).index_add_(0, idx, ones)
                 sums = torch.zeros_like(self.codebook).index_add_(0, idx, z.detach())
                 self.ema_update(counts, sums)
-                z_q = z + (z_q - z).detach()                             # straight-through
+                if self.dead_code_threshold > 0:
+                    self.reseed_dead_codes(z.detach())
+                if self.grad_estimator == "rotation":
+                    z_q = rotate_to(z, z_q)
+                else:
+                    z_q = z + (z_q - z).detach()                         # straight-through
             return unflatten_latents(z_q, z_e), losses, idx.view(z_e.shape[0], *z_e.shape[2:])
 
 
@@ -699,7 +745,8 @@ class BAVQ(Quantizer):
     argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code)."""
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps)
+        super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps,
+                         cfg.dead_code_threshold)
         self.beta = cfg.beta_start  # a Python float set by the training loop; saved via extra state
         self.ba_iters, self.prior_mode, self.prior_decay = cfg.ba_iters, cfg.ba_prior, cfg.ba_prior_decay
         self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
@@ -755,6 +802,8 @@ class BAVQ(Quantizer):
                       "entropy": -self.entropy_weight * entropy}
             if self.ema:
                 self.ema_update(Q.detach() * z.shape[0], sums)
+                if self.dead_code_threshold > 0:
+                    self.reseed_dead_codes(z.detach())
             else:
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
             if self.prior_mode == "running":
@@ -1002,7 +1051,8 @@ def start_wandb(cfg: Config, run_dir: Path, resume: bool):
         print(f"W&B: not logged in; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
     for attempt in (mode, "offline"):
         try:
-            run = wandb.init(project=cfg.wandb_project, name=cfg.name, dir=str(run_dir), mode=attempt,
+            run = wandb.init(project=cfg.wandb_project, name=cfg.name, group=cfg.wandb_group or None,
+                             dir=str(run_dir), mode=attempt,
                              config=dataclasses.asdict(cfg), resume="allow" if resume else None,
                              id=cfg.name if resume else None, settings=wandb.Settings(init_timeout=20))
             if attempt != mode:

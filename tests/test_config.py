@@ -51,6 +51,10 @@ def test_bool_flags():
     (dict(codebook_size="abc"), "codebook_size: expected int, got 'abc'"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
     (dict(device="gpu"), "device: unknown value 'gpu'"),
+    (dict(grad_estimator="rotate"), "did you mean 'rotation'"),
+    (dict(quantizer="ba_vq", grad_estimator="rotation"), "grad_estimator rotation applies to vq_ema only"),
+    (dict(dead_code_threshold=-1.0), "dead_code_threshold must be a finite number ≥ 0"),
+    (dict(quantizer="ba_vq", dead_code_threshold=1.0), "dead_code_threshold needs an EMA codebook"),
 ])
 def test_invalid_values_are_rejected(overrides, match):
     with pytest.raises(vqvae.VQVAEError, match=match):
@@ -80,6 +84,7 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1]
     assert vqvae.load_config(root / "config.yaml").arch == "resnet"
     assert vqvae.load_config(root / "config_mac.yaml").arch == "small"
+    assert list(vqvae.read_yaml(root / "config.yaml")) == list(vqvae.CONFIG_KEYS)  # documents every key, in order
 
 
 def test_every_key_is_a_flag_with_help():

@@ -75,6 +75,97 @@ def test_vq_ema_index_is_nearest_code():
     assert torch.equal(idx.flatten(), d.argmin(1))
 
 
+def rotation_grad(z, q, g):
+    """dL/dz of L = g·rotate_to(z, q), and the forward value."""
+    z = z.clone().requires_grad_(True)
+    out = vqvae.rotate_to(z, q)
+    (out * g).sum().backward()
+    return out.detach(), z.grad
+
+
+def test_rotation_trick_hand_computed_2d_case():
+    # z along x, code along y with twice the length: R is the +90° rotation, s = 2, so the gradient
+    # is s·Rᵀg: g = y → 2·x, g = x → −2·y
+    z, q = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    value, grad = rotation_grad(z, q, torch.tensor([[0.0, 1.0]]))
+    assert torch.allclose(value, q)
+    assert torch.allclose(grad, torch.tensor([[2.0, 0.0]]), atol=1e-6)
+    _, grad = rotation_grad(z, q, torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(grad, torch.tensor([[0.0, -2.0]]), atol=1e-6)
+
+
+def test_rotation_trick_value_is_the_code_and_gradient_is_rotated_and_scaled():
+    z, q, g = torch.randn(64, 8), torch.randn(64, 8) * 3, torch.randn(64, 8)
+    value, grad = rotation_grad(z, q, g)
+    assert torch.allclose(value, q, atol=1e-5)
+    s = q.norm(dim=1) / z.norm(dim=1)
+    assert torch.allclose(grad.norm(dim=1), s * g.norm(dim=1), rtol=1e-4)          # R is orthogonal
+    # the code's direction maps back to z's direction
+    _, grad = rotation_grad(z, q, q / q.norm(dim=1, keepdim=True))
+    assert torch.allclose(grad, s[:, None] * z / z.norm(dim=1, keepdim=True), atol=1e-5)
+    # a code in z's own direction: no rotation, only the scale
+    _, grad = rotation_grad(z, 2 * z, g)
+    assert torch.allclose(grad, 2 * g, atol=1e-5)
+
+
+def test_vq_ema_rotation_estimator_outputs_the_code_and_differs_from_ste():
+    ste, rot = make("vq_ema").train(), make("vq_ema", grad_estimator="rotation").train()
+    rot.load_state_dict(ste.state_dict())
+    z_e = latents(requires_grad=True)
+    upstream = torch.randn(2, 4, 3, 3)
+    grads = []
+    for q in (ste, rot):
+        codebook = q.codebook.clone()                                    # before this step's EMA update
+        z_q, _, idx = q(z_e)
+        assert torch.allclose(z_q, lookup(codebook, idx), atol=1e-5)     # forward value: the code
+        grads.append(torch.autograd.grad((z_q * upstream).sum(), z_e)[0])
+    assert torch.allclose(grads[0], upstream)
+    assert not torch.allclose(grads[1], upstream)
+
+
+def test_dead_codes_are_reseeded_from_batch_outputs():
+    q, plain = (make("vq_ema", codebook_size=4, latent_dim=2, dead_code_threshold=t).train() for t in (0.5, 0.0))
+    with torch.no_grad():
+        for m in (q, plain):
+            m.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
+            m.embed_sum.copy_(m.codebook)
+            m.cluster_size.copy_(torch.tensor([5.0, 5.0, 0.5, 0.1]))
+    z_e = torch.tensor([[0.1, 0.0], [0.0, 0.1], [1.0, 0.9], [0.9, 1.0]]).t().reshape(1, 2, 1, 4)
+    q(z_e)
+    plain(z_e)
+    rows = vqvae.flatten_latents(z_e)
+    # codes 2 and 3 won nothing: their usage decays below 0.5, so each now sits on a batch vector
+    for k in (2, 3):
+        assert (q.codebook[k] == rows).all(1).any(), k
+        assert q.cluster_size[k] == 0.5 and torch.allclose(q.embed_sum[k], 0.5 * q.codebook[k])
+    # live codes took the plain EMA update and nothing else
+    assert torch.equal(q.cluster_size[:2], plain.cluster_size[:2]) and torch.equal(q.codebook[:2], plain.codebook[:2])
+
+
+def test_no_reseeding_without_threshold_or_in_eval():
+    for q, mode in ((make("vq_ema", codebook_size=4, latent_dim=2), "train"),
+                    (make("vq_ema", codebook_size=4, latent_dim=2, dead_code_threshold=10.0), "eval")):
+        q.train(mode == "train")
+        with torch.no_grad():
+            q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
+            q.embed_sum.copy_(q.codebook)
+        q(latents(B=1, D=2, H=1, W=4))
+        assert (q.codebook[2:].abs() > 50).all(), mode                              # still far from the data
+
+
+def test_ba_ema_codebook_reseeds_dead_codes():
+    q = make("ba_vq", codebook_size=4, latent_dim=2, ba_codebook_update="ema", dead_code_threshold=0.5).train()
+    q.beta = 5.0
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]))
+        q.embed_sum.copy_(q.codebook)
+        q.cluster_size.fill_(0.5)
+    z_e = torch.tensor([[0.1, 0.0], [0.0, 0.1], [1.0, 0.9], [0.9, 1.0]]).t().reshape(1, 2, 1, 4)
+    q(z_e)
+    for k in (2, 3):
+        assert (q.codebook[k] == vqvae.flatten_latents(z_e)).all(1).any(), k
+
+
 # --- BA ----------------------------------------------------------------------------------------
 
 
