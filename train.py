@@ -1,16 +1,20 @@
-"""Train a VQ-VAE from the command line.
+"""Train a VQ-VAE from the command line, or run a whole study.
 
     python train.py --config config_mac.yaml --quantizer ba_vq --codebook_size 1024
+    python train.py --sweep sweeps/ba_study.yaml [--seeds N] [--flag value ...]
+    python train.py --summarize experiments/ba_study
 
 Every key of vqvae.Config is a flag; flags override the YAML file, which overrides the defaults.
+With --sweep, flags override every run of the study (see study.py).
 """
 import argparse
 import dataclasses
 import sys
 
+import study
 import vqvae
 
-RUN_FLAGS = ("config", "resume", "overwrite")
+RUN_FLAGS = ("config", "resume", "overwrite", "sweep", "seeds", "summarize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of config keys (e.g. config.yaml, config_mac.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue the run <out_dir>/<name> from its last.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results of an existing run of this name")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an existing run of this name "
+                        "(with --sweep: redo every run of the study)")
+    parser.add_argument("--sweep", metavar="FILE", help="run every run of a sweep file (e.g. sweeps/ba_study.yaml) "
+                        "in order, skipping finished runs and resuming interrupted ones; other flags override every run")
+    parser.add_argument("--seeds", metavar="N", type=int, default=1, help="with --sweep: repeat each run with N seeds "
+                        "(seed, seed+1, ...)")
+    parser.add_argument("--summarize", metavar="STUDY_DIR", help="write experiment_results.csv and results.md for a "
+                        "study directory (e.g. experiments/ba_study) and exit")
     for f in dataclasses.fields(vqvae.Config):
         help = f"{f.metadata['help']} (default: {f.default})"
         if vqvae._field_type(f)[0] is bool:
@@ -30,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv):
-    """(config, resume, overwrite) from the command line; raises VQVAEError on a bad flag."""
+def parse_args(argv):
+    """argparse's namespace, with unknown options reported as VQVAEError naming the nearest flag."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -40,7 +51,18 @@ def parse(argv):
         name = word[2:].split("=")[0] if word.startswith("--") else word
         hint = vqvae.nearest_name(name, flags).replace("'", "'--", 1) if word.startswith("--") else ""
         raise vqvae.VQVAEError(f"unknown option '{word}'{hint}; see python train.py --help")
-    overrides = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS and v is not None}
+    return args
+
+
+def config_flags(args) -> dict:
+    """The config keys given on the command line, as strings for vqvae to check and convert."""
+    return {k: v for k, v in vars(args).items() if k not in RUN_FLAGS and v is not None}
+
+
+def parse(argv):
+    """(config, resume, overwrite) of a single run from the command line."""
+    args = parse_args(argv)
+    overrides = config_flags(args)
     cfg = vqvae.load_config(args.config, overrides)
     if args.resume:  # start from the run's saved config; the YAML file and flags still override it
         saved = vqvae.run_dir_of(cfg) / "config.yaml"
@@ -50,9 +72,20 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg, resume, overwrite = parse(sys.argv[1:] if argv is None else argv)
-        vqvae.train(cfg, resume=resume, overwrite=overwrite)
+        args = parse_args(argv)
+        if args.summarize:
+            study.summarize(args.summarize)
+        elif args.sweep:
+            if args.resume:
+                raise vqvae.VQVAEError("--resume is not needed with --sweep: interrupted runs of a study resume by themselves")
+            study.run_sweep(args.sweep, args.config, config_flags(args), args.seeds, args.overwrite)
+        else:
+            if args.seeds != 1:
+                raise vqvae.VQVAEError("--seeds goes with --sweep; for one run, set --seed")
+            cfg, resume, overwrite = parse(argv)
+            vqvae.train(cfg, resume=resume, overwrite=overwrite)
     except vqvae.VQVAEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -907,7 +907,8 @@ def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
 # Checkpoints, results files and W&B
 # ---------------------------------------------------------------------------------------------
 
-RESULT_FILES = ("config.yaml", "history.jsonl", "final_metrics.json", "final_model.pt", "last.pt", "recon.png")
+RESULT_FILES = ("config.yaml", "history.jsonl", "final_metrics.json", "final_model.pt", "last.pt", "recon.png",
+                "code_counts.json")
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -961,6 +962,12 @@ def load_model(path, device="cpu") -> VQVAE:
     model = VQVAE(load_config(base=state["config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def read_code_counts(run_dir) -> torch.Tensor:
+    """The final validation histogram of a run's codes, (K,) int64, from code_counts.json."""
+    with open(Path(run_dir) / "code_counts.json") as f:
+        return torch.tensor(json.load(f)["counts"], dtype=torch.long)
 
 
 def read_history(run_dir) -> list:
@@ -1103,9 +1110,10 @@ def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32") -> dict:
+def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32", counts_out: list = None) -> dict:
     """Validation over the whole set with the hard code: mse/psnr/psnr_legacy from the summed
-    squared error, and codebook metrics from the histogram of all codes (not per-batch averages)."""
+    squared error, and codebook metrics from the histogram of all codes (not per-batch averages).
+    With a list as counts_out, the histogram (K,) is appended to it."""
     was_training = model.training
     model.eval()
     device = x_uint8.device
@@ -1119,6 +1127,8 @@ def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: st
         counts += code_histogram(idx, K)
     model.train(was_training)
     metrics = reconstruction_metrics(torch.stack(sse).cpu().double().sum().item(), x_uint8.numel())
+    if counts_out is not None:
+        counts_out.append(counts.cpu())
     return metrics | codebook_metrics(counts.cpu())
 
 
@@ -1225,7 +1235,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                            "rng": rng_states(device), "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
 
     model.train()
-    val = None
+    val, counts = None, []  # the latest validation metrics and code histograms
     pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
     t_start = time.perf_counter()
     while step < total_steps:
@@ -1249,7 +1259,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
         sync(device)
         step_time += time.perf_counter() - t0
-        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision)
+        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
         history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
         pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
                    f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, usage {val['usage_rate']:.3f}")
@@ -1259,7 +1269,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                               run_dir / f"checkpoint_epoch{epoch + 1}.pt")
     pbar.close()
     if val is None:  # resumed a run that had already finished its steps
-        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision)
+        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
     wall = time_before + time.perf_counter() - t_start
 
     final = dict(val)
@@ -1269,6 +1279,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
               "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
     atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
     atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
+    atomic_write_bytes(run_dir / "code_counts.json", (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
     save_recon_grid(model, x_test, run_dir / "recon.png")
     history.close()
     wandb_run.finish()

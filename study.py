@@ -1,0 +1,273 @@
+"""Studies: a set of runs that share a base config, run one after another, and their results table.
+
+    python train.py --sweep sweeps/ba_study.yaml [--seeds N] [--flag value ...]
+    python train.py --summarize experiments/ba_study
+
+A sweep file holds the study's name, a base config and the runs as overrides of it:
+
+    study: ba_study                       # results go to <out_dir>/ba_study/<run>/
+    base: {arch: small, epochs: 10}       # config keys shared by every run
+    runs:
+      - {name: baseline, quantizer: vq_ema}
+      - {name: ba_default, quantizer: ba_vq, ba_iters: 2}
+
+A run's config is: defaults ← --config YAML ← base ← the run's keys ← flags given beside --sweep.
+Finished runs are skipped and interrupted ones resumed, so the same command continues a study.
+With --seeds N each run is repeated with seeds s, s+1, …, s+N−1 (s: the configured seed); the
+first seed's directory is <run>/, the others' <run>_seed<S>/.
+
+This module also reads studies back (for --summarize and analyze.ipynb): read_study, summarize.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import vqvae
+
+SWEEP_KEYS = ("study", "base", "runs")
+# Keys that change how a run is carried out or logged, not its results: a finished run whose saved
+# config differs from the sweep only in these still counts as that run.
+RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "eval_batch_size", "log_every", "checkpoint_freq",
+                "channels_last", "compile", "wandb", "wandb_project", "wandb_group")
+METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "beta", "train_time_s")
+SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    run: str          # the run's name in the sweep file
+    seed: int
+    cfg: vqvae.Config
+
+    @property
+    def dir(self) -> Path:
+        return vqvae.run_dir_of(self.cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a sweep file and planning its runs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_sweep(path) -> tuple[str, dict, list]:
+    """(study name, base overrides, list of run overrides), each run with a unique `name`."""
+    data = vqvae.read_yaml(path)
+    for key in data:
+        if key not in SWEEP_KEYS:
+            raise vqvae.VQVAEError(f"unknown key '{key}' in sweep file {path}{vqvae.nearest_name(key, SWEEP_KEYS)}; "
+                                   f"a sweep file holds {', '.join(SWEEP_KEYS)}")
+    study, base, runs = data.get("study"), data.get("base") or {}, data.get("runs")
+    if not isinstance(study, str) or not re.fullmatch(r"[\w.-]+", study):
+        raise vqvae.VQVAEError(f"{path}: 'study' must be a name of letters, digits, '_', '-' or '.', got {study!r}")
+    if not isinstance(base, dict):
+        raise vqvae.VQVAEError(f"{path}: 'base' must be a mapping of config keys")
+    if not isinstance(runs, list) or not runs:
+        raise vqvae.VQVAEError(f"{path}: 'runs' must be a non-empty list of mappings, each with a 'name'")
+    names = []
+    for i, run in enumerate(runs, 1):
+        name = run.get("name") if isinstance(run, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or SEED_SUFFIX.search(name):
+            raise vqvae.VQVAEError(f"{path}: run {i} needs a 'name' of letters, digits, '_', '-' or '.' "
+                                   f"(not ending in _seed<N>), got {name!r}")
+        if name in names:
+            raise vqvae.VQVAEError(f"{path}: two runs are named '{name}'")
+        names.append(name)
+    for where, values in [("base", base)] + [(f"run '{r['name']}'", r) for r in runs]:
+        if "out_dir" in values or (where == "base" and "name" in values):
+            raise vqvae.VQVAEError(f"{path}: {where} may not set name or out_dir; the sweep places its runs")
+    return study, base, runs
+
+
+def plan_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1) -> tuple[Path, list[PlannedRun]]:
+    """The study directory and every run's resolved config, checked before any run starts."""
+    if seeds < 1:
+        raise vqvae.VQVAEError(f"--seeds must be ≥ 1, got {seeds}")
+    flags = dict(flags or {})
+    if "name" in flags:
+        raise vqvae.VQVAEError("--name cannot be given with --sweep: each run takes its name from the sweep file")
+    study, base, runs = read_sweep(path)
+    planned = []
+    for run in runs:
+        cfg = vqvae.Config()
+        if yaml_path:
+            cfg = vqvae.apply_overrides(cfg, vqvae.read_yaml(yaml_path), str(yaml_path))
+        cfg = vqvae.apply_overrides(cfg, base, f"{path} base")
+        cfg = vqvae.apply_overrides(cfg, {k: v for k, v in run.items() if k != "name"}, f"{path} run '{run['name']}'")
+        cfg = vqvae.apply_overrides(cfg, flags, "command-line flags")
+        cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / study), wandb_group=cfg.wandb_group or study)
+        for i in range(seeds):
+            seed = cfg.seed + i
+            name = run["name"] if i == 0 else f"{run['name']}_seed{seed}"
+            planned.append(PlannedRun(run["name"], seed, vqvae.validate(dataclasses.replace(cfg, seed=seed, name=name))))
+    return Path(planned[0].cfg.out_dir), planned
+
+
+def run_state(run_dir: Path) -> str:
+    """done (final metrics written), interrupted (a checkpoint to resume), partial (results of a run
+    stopped before its first checkpoint) or new."""
+    if (run_dir / "final_metrics.json").is_file():
+        return "done"
+    if (run_dir / "last.pt").is_file():
+        return "interrupted"
+    if any((run_dir / f).exists() for f in vqvae.RESULT_FILES):
+        return "partial"
+    return "new"
+
+
+def config_differences(run_dir: Path, cfg: vqvae.Config) -> list[str]:
+    """Result-changing keys on which the run saved in run_dir differs from cfg."""
+    saved = vqvae.read_yaml(run_dir / "config.yaml")
+    now = dataclasses.asdict(cfg)
+    return [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now
+            if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
+
+
+def check_existing(planned: list[PlannedRun]) -> None:
+    """Refuse, before any work, to skip or resume a run that was made with other settings."""
+    for p in planned:
+        if run_state(p.dir) in ("done", "interrupted") and (p.dir / "config.yaml").is_file():
+            diff = config_differences(p.dir, p.cfg)
+            if diff:
+                raise vqvae.VQVAEError(f"{p.dir} holds a run made with other settings ({'; '.join(diff)}); "
+                                       f"use another --out_dir, remove that directory, or pass --overwrite to redo "
+                                       f"every run of the study")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, overwrite: bool = False) -> list[dict]:
+    """Run every planned run in order (skipping finished ones, resuming interrupted ones), then
+    write the study's summary. Returns the summary rows."""
+    study_dir, planned = plan_sweep(path, yaml_path, flags, seeds)
+    if not overwrite:
+        check_existing(planned)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    # the plan, so --summarize knows the runs' order and settings without the sweep file
+    study, base, runs = read_sweep(path)
+    plan = {"study": study, "sweep_file": str(path), "seeds": [p.seed for p in planned if p.run == planned[0].run],
+            "base": base, "runs": runs, "flags": flags or {}}
+    vqvae.atomic_write_bytes(study_dir / "sweep.json", (json.dumps(plan, indent=2) + "\n").encode())
+    t0 = time.perf_counter()
+    for i, p in enumerate(planned, 1):
+        state = "new" if overwrite else run_state(p.dir)
+        print(f"\n=== [{i}/{len(planned)}] {p.cfg.name} ({'redo' if overwrite else state}) → {p.dir}", flush=True)
+        if state == "done":
+            continue
+        if state == "partial":
+            print(f"{p.dir} holds the files of a run stopped before its first checkpoint; starting it again")
+        vqvae.train(p.cfg, resume=state == "interrupted", overwrite=overwrite or state == "partial")
+    print(f"\nstudy {study_dir}: {len(planned)} runs, this session {(time.perf_counter() - t0) / 60:.1f} min")
+    return summarize(study_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a study back
+# ---------------------------------------------------------------------------------------------
+
+
+def read_study(study_dir) -> list[dict]:
+    """One record per run directory of the study: run (its sweep name), seed, dir, state, config
+    (dict) and final (final metrics, or None if unfinished); in the sweep's order when the study
+    has a sweep.json, else by name."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise vqvae.VQVAEError(f"no study directory {study_dir}")
+    order = []
+    if (study_dir / "sweep.json").is_file():
+        order = [r["name"] for r in json.loads((study_dir / "sweep.json").read_text())["runs"]]
+    records = []
+    for run_dir in sorted(d for d in study_dir.iterdir() if (d / "config.yaml").is_file()):
+        cfg = vqvae.read_yaml(run_dir / "config.yaml")
+        state = run_state(run_dir)
+        final = json.loads((run_dir / "final_metrics.json").read_text()) if state == "done" else None
+        records.append({"run": SEED_SUFFIX.sub("", run_dir.name), "seed": cfg.get("seed"), "dir": run_dir,
+                        "state": state, "config": cfg, "final": final})
+    if not records:
+        raise vqvae.VQVAEError(f"{study_dir} holds no runs (directories with a config.yaml)")
+    rank = {name: i for i, name in enumerate(order)}
+    records.sort(key=lambda r: (rank.get(r["run"], len(rank)), r["run"], r["seed"]))
+    return records
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
+def run_settings(study_dir: Path, run: str) -> str:
+    """What the sweep file set for this run beyond the base, as 'key=value' pairs."""
+    sweep = study_dir / "sweep.json"
+    if not sweep.is_file():
+        return ""
+    runs = {r["name"]: r for r in json.loads(sweep.read_text())["runs"]}
+    return " ".join(f"{k}={v}" for k, v in runs.get(run, {}).items() if k != "name")
+
+
+def summary_rows(study_dir) -> list[dict]:
+    """One row per run of the study: settings, number of finished seeds, and each metric's mean
+    and std over those seeds (an unfinished run has seeds 0 and empty metrics)."""
+    study_dir = Path(study_dir)
+    records = read_study(study_dir)
+    rows = []
+    for run in dict.fromkeys(r["run"] for r in records):
+        finished = [r["final"] for r in records if r["run"] == run and r["final"] is not None]
+        first = next(r for r in records if r["run"] == run)
+        row = {"run": run, "quantizer": first["config"]["quantizer"], "settings": run_settings(study_dir, run),
+               "seeds": len(finished)}
+        for key in METRICS:
+            values = [f[key] for f in finished if f.get(key) is not None]
+            row[key], row[f"{key}_std"] = mean_std(values) if values else (math.nan, math.nan)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float, std: float, digits: int, scale: float = 1.0) -> str:
+    if math.isnan(value):
+        return "—"
+    text = f"{value * scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def results_markdown(rows: list[dict], title: str) -> str:
+    lines = [f"# {title}", "",
+             "psnr: [0,1] pixels, whole validation set, hard codes; psnr_legacy = 10·log10(1/MSE) on [−1,1] "
+             "tensors (the published convention, psnr − 6.02 dB); perplexity, usage and dead codes from the "
+             "histogram of all validation codes. Mean ± sample std over seeds where there are several.", "",
+             "| # | run | settings | seeds | psnr (dB) | psnr_legacy (dB) | perplexity | usage (%) | dead codes "
+             "| final β | train time (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r["run"], r["settings"].replace("|", "/") or r["quantizer"], str(r["seeds"]),
+                 _fmt(r["psnr"], r["psnr_std"], 2), _fmt(r["psnr_legacy"], r["psnr_legacy_std"], 2),
+                 _fmt(r["perplexity"], r["perplexity_std"], 1), _fmt(r["usage_rate"], r["usage_rate_std"], 1, 100),
+                 _fmt(r["dead_codes"], r["dead_codes_std"], 0), _fmt(r["beta"], r["beta_std"], 2),
+                 _fmt(r["train_time_s"], r["train_time_s_std"], 1, 1 / 60)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(study_dir) -> list[dict]:
+    """Write <study_dir>/experiment_results.csv and results.md; returns the rows."""
+    study_dir = Path(study_dir)
+    rows = summary_rows(study_dir)
+    with open(study_dir / "experiment_results.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (study_dir / "experiment_results.csv.tmp").replace(study_dir / "experiment_results.csv")
+    vqvae.atomic_write_bytes(study_dir / "results.md", results_markdown(rows, f"Study {study_dir.name}").encode())
+    print(results_markdown(rows, f"Study {study_dir.name}"))
+    print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
+    return rows
