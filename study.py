@@ -271,3 +271,17 @@ def summarize(study_dir) -> list[dict]:
     print(results_markdown(rows, f"Study {study_dir.name}"))
     print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
     return rows
+
+
+def train_curve(run_dir) -> dict:
+    """The logged training steps of a run: step, batch perplexity, batch usage and (BA) β lists."""
+    rows = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]
+    return {key: [r.get(key) for r in rows] for key in ("step", "perplexity", "usage", "beta")}
+
+
+def first_crossing(steps: list, values: list, level: float):
+    """The first step at which values reach `level` from below (None if they never do)."""
+    for step, before, after in zip(steps[1:], values, values[1:]):
+        if before is not None and after is not None and before < level <= after:
+            return step
+    return None

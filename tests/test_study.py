@@ -1,0 +1,176 @@
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+import study
+import train as cli
+import vqvae
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="synthetic", synthetic_size=128, batch_size=32, codebook_size=32, n_hid=16, latent_dim=8,
+            log_every=2, eval_batch_size=64, wandb=False, device="cpu", epochs=2)
+
+
+def write_sweep(tmp_path, runs=None, **top):
+    """A two-run sweep on the tiny config; returns its path."""
+    data = {"study": "mini", "base": dict(TINY),
+            "runs": runs or [{"name": "vq", "quantizer": "vq_ema"},
+                             {"name": "ba", "quantizer": "ba_vq", "ba_iters": 2, "entropy_weight": 0.1}]}
+    data.update(top)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sweep(tmp_path, path=None, seeds=1, **flags):
+    return study.run_sweep(path or write_sweep(tmp_path), flags={"out_dir": str(tmp_path / "exp"), **flags},
+                           seeds=seeds)
+
+
+def final(run_dir):
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_sweep_runs_each_run_in_its_directory_and_summarizes(tmp_path):
+    rows = sweep(tmp_path)
+    study_dir = tmp_path / "exp" / "mini"
+    assert [r["run"] for r in rows] == ["vq", "ba"]
+    for row in rows:
+        metrics = final(study_dir / row["run"])
+        assert row["psnr"] == metrics["psnr"] and row["perplexity"] == metrics["perplexity"] and row["seeds"] == 1
+    assert vqvae.read_yaml(study_dir / "ba" / "config.yaml")["ba_iters"] == 2
+    assert vqvae.read_yaml(study_dir / "vq" / "config.yaml")["wandb_group"] == "mini"
+    with open(study_dir / "experiment_results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["run"] for r in table] == ["vq", "ba"]
+    assert float(table[1]["psnr_legacy"]) == pytest.approx(final(study_dir / "ba")["psnr_legacy"])
+    md = (study_dir / "results.md").read_text()
+    assert "| 2 | ba | quantizer=ba_vq ba_iters=2 entropy_weight=0.1 | 1 |" in md
+    counts = vqvae.read_code_counts(study_dir / "vq")
+    assert counts.shape == (32,) and counts.sum() == 64 * 64        # every validation latent counted once
+    assert (counts > 0).sum() == 32 - final(study_dir / "vq")["dead_codes"]
+
+
+def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path)
+    sweep(tmp_path, path)
+    before = (tmp_path / "exp" / "mini" / "vq" / "final_metrics.json").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(vqvae, "train", no_training)
+    sweep(tmp_path, path)
+    assert (tmp_path / "exp" / "mini" / "vq" / "final_metrics.json").read_text() == before
+
+
+def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path)
+    reference = sweep(tmp_path, path, out_dir=str(tmp_path / "whole"))
+    real_evaluate, calls = vqvae.evaluate, []
+
+    def evaluate_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # second run, end of epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(vqvae, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tmp_path, path)
+    monkeypatch.setattr(vqvae, "evaluate", real_evaluate)
+    assert study.run_state(tmp_path / "exp" / "mini" / "ba") == "interrupted"
+    resumed = sweep(tmp_path, path)
+    keys = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "beta")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in reference]
+
+
+def test_seeds_repeat_each_run_and_the_summary_is_mean_and_std(tmp_path):
+    rows = sweep(tmp_path, seeds=2)
+    study_dir = tmp_path / "exp" / "mini"
+    for row in rows:
+        runs = [final(study_dir / row["run"]), final(study_dir / f"{row['run']}_seed1338")]
+        assert row["seeds"] == 2
+        assert row["psnr"] == pytest.approx(statistics.mean(r["psnr"] for r in runs))
+        assert row["psnr_std"] == pytest.approx(statistics.stdev(r["psnr"] for r in runs))
+    assert vqvae.read_yaml(study_dir / "vq_seed1338" / "config.yaml")["seed"] == 1338
+    assert "±" in (study_dir / "results.md").read_text()
+
+
+def test_flags_beside_sweep_override_every_run(tmp_path):
+    code = cli.main(["--sweep", str(write_sweep(tmp_path)), "--max_steps", "3", "--out_dir", str(tmp_path / "exp")])
+    assert code == 0
+    for run in ("vq", "ba"):
+        assert final(tmp_path / "exp" / "mini" / run)["steps"] == 3
+    assert cli.main(["--summarize", str(tmp_path / "exp" / "mini")]) == 0
+
+
+def test_unfinished_runs_are_listed_without_metrics(tmp_path):
+    sweep(tmp_path, max_steps=2)
+    (tmp_path / "exp" / "mini" / "ba" / "final_metrics.json").unlink()
+    rows = study.summarize(tmp_path / "exp" / "mini")
+    assert rows[1]["seeds"] == 0 and rows[1]["psnr"] != rows[1]["psnr"]  # nan
+    assert "| 2 | ba |" in (tmp_path / "exp" / "mini" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(runs=[{"name": "vq", "quantizer": "vq_ema", "entropy_wieght": 0.1}]), "did you mean 'entropy_weight'"),
+    (dict(runs=[{"name": "vq"}, {"name": "vq"}]), "two runs are named 'vq'"),
+    (dict(runs=[{"quantizer": "vq_ema"}]), "run 1 needs a 'name'"),
+    (dict(runs=[{"name": "vq", "out_dir": "x"}]), "may not set name or out_dir"),
+    (dict(runz=[]), "unknown key 'runz'.*did you mean 'runs'"),
+    (dict(study="a b"), "'study' must be a name"),
+    (dict(runs=[{"name": "vq", "quantizer": "vq_emma"}]), "did you mean 'vq_ema'"),
+])
+def test_bad_sweep_files_are_refused_before_any_work(tmp_path, change, match):
+    with pytest.raises(vqvae.VQVAEError, match=match):
+        sweep(tmp_path, write_sweep(tmp_path, **change))
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_finished_run_with_other_settings_is_not_silently_reused(tmp_path):
+    path = write_sweep(tmp_path)
+    sweep(tmp_path, path, max_steps=2)
+    with pytest.raises(vqvae.VQVAEError, match="max_steps: 2 there, 3 now"):
+        sweep(tmp_path, path, max_steps=3)
+    assert final(tmp_path / "exp" / "mini" / "vq")["steps"] == 2
+    study.run_sweep(path, flags={"out_dir": str(tmp_path / "exp"), "max_steps": 3}, overwrite=True)
+    assert final(tmp_path / "exp" / "mini" / "vq")["steps"] == 3
+
+
+def test_cli_refuses_flags_that_do_not_fit_a_sweep(tmp_path, capsys):
+    path = str(write_sweep(tmp_path))
+    assert cli.main(["--sweep", path, "--name", "x"]) == 2
+    assert "--name cannot be given with --sweep" in capsys.readouterr().err
+    assert cli.main(["--sweep", path, "--seeds", "0"]) == 2
+    assert cli.main(["--seeds", "2", "--dataset", "synthetic"]) == 2
+    assert cli.main(["--summarize", str(tmp_path / "nothing")]) == 2
+    assert "no study directory" in capsys.readouterr().err
+
+
+def test_shipped_ba_study_is_the_published_design():
+    """sweeps/ba_study.yaml against the study's table: 12 runs, shared settings, each run's keys."""
+    study_dir, planned = study.plan_sweep(ROOT / "sweeps" / "ba_study.yaml")
+    assert study_dir == Path("experiments") / "ba_study"
+    assert [p.run for p in planned] == [
+        "baseline", "ba_default", "ba_exploratory", "ba_greedy", "ba_iters5", "ba_iters1", "ba_high_entropy",
+        "ba_low_entropy", "ba_high_commitment", "ba_balanced", "baseline_rotation", "baseline_dead_reset"]
+    for p in planned:
+        c = p.cfg
+        assert (c.arch, c.codebook_size, c.latent_dim, c.batch_size, c.epochs, c.lr, c.weight_decay, c.seed,
+                c.codebook_init, c.beta_schedule) == ("small", 512, 64, 128, 10, 3e-4, 1e-4, 1337, "kmeans", "step")
+        assert c.commitment_weight == (1.0 if p.run == "ba_high_commitment" else 0.25)
+    ba = {p.run: (p.cfg.beta_start, p.cfg.beta_end, p.cfg.ba_iters, p.cfg.entropy_weight)
+          for p in planned if p.cfg.quantizer == "ba_vq"}
+    assert ba == {"ba_default": (0.5, 3.0, 2, 0.1), "ba_exploratory": (0.1, 2.0, 2, 0.1),
+                  "ba_greedy": (1.0, 10.0, 2, 0.05), "ba_iters5": (0.5, 3.0, 5, 0.1), "ba_iters1": (0.5, 3.0, 1, 0.1),
+                  "ba_high_entropy": (0.5, 3.0, 2, 0.5), "ba_low_entropy": (0.5, 3.0, 2, 0.01),
+                  "ba_high_commitment": (0.5, 3.0, 2, 0.1), "ba_balanced": (0.3, 5.0, 3, 0.2)}
+    vq = {p.run: (p.cfg.ema_decay, p.cfg.grad_estimator, p.cfg.dead_code_threshold)
+          for p in planned if p.cfg.quantizer == "vq_ema"}
+    assert vq == {"baseline": (0.99, "ste", 0.0), "baseline_rotation": (0.99, "rotation", 0.0),
+                  "baseline_dead_reset": (0.99, "ste", 1.0)}
