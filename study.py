@@ -164,7 +164,11 @@ def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, o
             continue
         if state == "partial":
             print(f"{p.dir} holds the files of a run stopped before its first checkpoint; starting it again")
-        vqvae.train(p.cfg, resume=state == "interrupted", overwrite=overwrite or state == "partial")
+        try:
+            vqvae.train(p.cfg, resume=state == "interrupted", overwrite=overwrite or state == "partial")
+        except vqvae.RunStopped as e:
+            raise vqvae.RunStopped(f"{e} — or run the same --sweep command again to go on with the study",
+                                   e.exit_code) from None
     print(f"\nstudy {study_dir}: {len(planned)} runs, this session {(time.perf_counter() - t0) / 60:.1f} min")
     return summarize(study_dir)
 

@@ -86,9 +86,12 @@ def main(argv=None) -> int:
                 raise vqvae.VQVAEError("--seeds goes with --sweep; for one run, set --seed")
             cfg, resume, overwrite = parse(argv)
             vqvae.train(cfg, resume=resume, overwrite=overwrite)
+    except vqvae.RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except vqvae.VQVAEError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -17,7 +17,11 @@ import json
 import math
 import os
 import random
+import re
+import shlex
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,16 @@ import yaml
 
 class VQVAEError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+    exit_code = 2
+
+
+class RunStopped(VQVAEError):
+    """A run stopped on purpose (a signal, a non-finite value) after keeping its last good checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def nearest_name(name: str, choices) -> str:
@@ -172,7 +186,9 @@ class Config:
     lr: float = _opt(3e-4, "AdamW learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     log_every: int = _opt(50, "log batch metrics every N steps (the only steps that synchronise the device)")
-    checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt every N epochs (0: only last.pt)")
+    checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt, a full resumable checkpoint, every N epochs (0: only last.pt)")
+    save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
+    detect_anomaly: bool = _opt(False, "autograd anomaly detection, to find the operation that made a NaN (slow)")
     channels_last: bool = _opt(True, "NHWC memory layout for the convolutions (same results, faster on most devices)")
     compile: bool = _opt(False, "torch.compile the encoder and decoder (slow first steps, faster after on GPU)")
     # --- logging
@@ -258,7 +274,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.device == "auto" or cfg.device in ("cpu", "mps", "cuda") or cfg.device.startswith("cuda:")):
         raise VQVAEError(f"device: unknown value '{cfg.device}'; choose auto, cpu, cuda, cuda:N or mps")
     at_least = {"codebook_size": 1, "batch_size": 1, "eval_batch_size": 1, "epochs": 1, "ba_iters": 1,
-                "log_every": 1, "synthetic_size": 1, "kmeans_iters": 0, "max_steps": 0, "checkpoint_freq": 0}
+                "log_every": 1, "synthetic_size": 1, "kmeans_iters": 0, "max_steps": 0, "checkpoint_freq": 0,
+                "save_every_steps": 0}
     for key, low in at_least.items():
         if getattr(cfg, key) < low:
             raise VQVAEError(f"{key} must be ≥ {low}, got {getattr(cfg, key)}")
@@ -949,11 +966,36 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def load_checkpoint(path: Path) -> dict:
+def _read_checkpoint(path: Path):
+    """The checkpoint's contents, or None when the file is missing, truncated or corrupt."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+
+
+def checkpoint_paths(run_dir: Path) -> list:
+    """A run's full checkpoints, newest first: last.pt, then checkpoint_epoch<N>.pt by N."""
+    epochs = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    return [run_dir / "last.pt"] + epochs[::-1]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, or a one-line error naming the file and the newest readable checkpoint beside it."""
+    state = _read_checkpoint(path)
+    if state is not None:
+        return state
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise VQVAEError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        reason = "empty"
+    good = next(((p, s) for p in checkpoint_paths(path.parent) if p != path and p.is_file()
+                 for s in [_read_checkpoint(p)] if s is not None and "optimizer" in s), None)
+    hint = (f"; the newest readable checkpoint is {good[0]} (step {good[1]['step']}): copy it to "
+            f"{path.parent / 'last.pt'} to resume from there" if good else "; no other readable checkpoint in that directory")
+    raise VQVAEError(f"cannot read checkpoint {path} ({reason}){hint}")
 
 
 def load_model(path, device="cpu") -> VQVAE:
@@ -993,10 +1035,20 @@ class History:
         self.file.close()
 
 
+def _record_step(line: str):
+    """The step of one history line, or None for a line torn by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_history(path: Path, last_step: int) -> None:
-    """On resume, drop records written after the checkpoint, which the resumed run writes again."""
+    """On resume, drop records written after the checkpoint, which the resumed run writes again
+    (and a last line torn by a kill)."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        keep = [line for line in path.read_text().splitlines()
+                if line and (_record_step(line) is not None and _record_step(line) <= last_step)]
         atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
@@ -1030,6 +1082,7 @@ class SafeWandb:
                 self.run.finish()
             except Exception:
                 pass
+            self.run = None
 
 
 def _wandb_logged_in() -> bool:
@@ -1043,9 +1096,13 @@ def _wandb_logged_in() -> bool:
         return False
 
 
-def start_wandb(cfg: Config, run_dir: Path, resume: bool):
+WANDB_INIT_TIMEOUT_S = 10  # a logged-in run with no network falls back to offline after this
+
+
+def start_wandb(cfg: Config, run_dir: Path, resume: bool, run_id: str):
     """A W&B run, or a stand-in. Never blocks or fails training: without a login it logs offline
-    (sync later with `wandb sync`), and if W&B cannot start at all it is turned off."""
+    (sync later with `wandb sync`), and if W&B cannot start at all it is turned off. run_id is kept
+    in the checkpoints, so a resumed run continues the same W&B run."""
     if not cfg.wandb:
         return NoWandb()
     try:
@@ -1061,7 +1118,7 @@ def start_wandb(cfg: Config, run_dir: Path, resume: bool):
             run = wandb.init(project=cfg.wandb_project, name=cfg.name, group=cfg.wandb_group or None,
                              dir=str(run_dir), mode=attempt,
                              config=dataclasses.asdict(cfg), resume="allow" if resume else None,
-                             id=cfg.name if resume else None, settings=wandb.Settings(init_timeout=20))
+                             id=run_id, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
             if attempt != mode:
                 print(f"W&B: could not start {mode}; logging offline instead")
             return SafeWandb(run)
@@ -1099,14 +1156,66 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, precision: str):
-    """One optimizer step on batch x; returns the loss terms and codes without reading them back."""
+    """One optimizer step on batch x; returns the loss terms, the codes and the gradient norm,
+    without reading them back."""
     with autocast_for(x.device, precision):
         x_hat, losses, idx = model(x)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
-    return losses, idx
+    return losses, idx, grad_norm
+
+
+class FiniteGuard:
+    """Watches each step's loss terms and gradient norm on the device, without reading them back:
+    it keeps the first step at which one was NaN or inf, and that step's values. check(), run on
+    logging steps and before every checkpoint, stops the run there, so no checkpoint is written
+    after a non-finite step and the last one stays good."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.values, self.names = None, []
+
+    def watch(self, step: int, losses: dict, grad_norm: torch.Tensor) -> None:
+        values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
+        bad = ~torch.isfinite(values).all() & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        self.values = values if self.values is None else torch.where(bad, values, self.values)
+        self.names = list(losses) + ["grad_norm"]
+
+    def check(self, last_good: str) -> None:
+        step = int(self.first_bad.item())
+        if step >= 0:
+            terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.names, self.values.tolist()))
+            raise RunStopped(f"non-finite value at step {step} ({terms}); stopped. {last_good} "
+                             f"(--detect_anomaly finds the operation that made it; a lower --lr often helps)", 3)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received`; the training loop reads it after each
+    step, writes last.pt and stops. A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and writing last.pt "
+              f"(send it again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 @torch.no_grad()
@@ -1168,8 +1277,14 @@ def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, 
     pbar.set_postfix(loss=f"{metrics['loss']:.4f}", ppl=f"{metrics['perplexity']:.1f}", usage=f"{metrics['usage']:.2f}")
 
 
+def resume_command(cfg: Config) -> str:
+    return f"python train.py --out_dir {shlex.quote(cfg.out_dir)} --name {shlex.quote(cfg.name)} --resume"
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory."""
+    """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory.
+    Stops with RunStopped (after keeping a checkpoint to resume from) on SIGINT/SIGTERM, on a
+    non-finite loss or gradient, or when a checkpoint cannot be written."""
     from tqdm import tqdm
 
     cfg = validate(cfg)
@@ -1208,6 +1323,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     # step_time: seconds inside training steps; time_before: wall time of earlier sessions of this run
     step, step_time, time_before, epoch_gen_state = 0, 0.0, 0.0, None
+    wandb_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.name)[:48]}-{os.urandom(4).hex()}"  # os entropy: no RNG used
+    last_good = None  # (path, step) of the newest checkpoint written or resumed from
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1215,7 +1332,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         data_gen.set_state(checkpoint["data_gen_state"])
         epoch_gen_state = checkpoint["epoch_gen_state"]
         set_rng_states(checkpoint["rng"], device)
+        wandb_id = checkpoint.get("wandb_id", wandb_id)
         truncate_history(run_dir / "history.jsonl", step)
+        last_good = (run_dir / "last.pt", step)
         print(f"resuming {run_dir} at step {step} of {total_steps}")
     else:
         if cfg.codebook_init == "kmeans":
@@ -1224,65 +1343,103 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             init_codebook_from_data(model, x_train, cfg, kmeans_gen)
             print(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
         atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
-    wandb_run = start_wandb(cfg, run_dir, resume)
+    wandb_run = start_wandb(cfg, run_dir, resume, wandb_id)
     history = History(run_dir / "history.jsonl", wandb_run)
+    guard = FiniteGuard(device)
 
-    def save_last():
-        """last.pt: everything the rest of the run depends on, so --resume continues it exactly."""
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                           "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
-                           "train_step_time_s": step_time, "train_time_s": time_before + time.perf_counter() - t_start,
-                           "rng": rng_states(device), "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
+    def last_good_note() -> str:
+        if last_good is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint is {last_good[0]} (step {last_good[1]}); resume with: {resume_command(cfg)}"
+
+    def save(path: Path, step_time_now: float) -> None:
+        """A full checkpoint: everything the rest of the run depends on, so --resume continues it
+        bitwise. Never written after a non-finite step; a failed write stops the run."""
+        nonlocal last_good
+        guard.check(last_good_note())
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
+                 "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
+                 "train_step_time_s": step_time_now, "train_time_s": time_before + time.perf_counter() - t_start,
+                 "rng": rng_states(device), "wandb_id": wandb_id, "config": dataclasses.asdict(cfg)}
+        try:
+            atomic_torch_save(state, path)
+        except OSError as e:
+            raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train on "
+                             f"without one. {last_good_note()}", 4) from None
+        if path.name == "last.pt":
+            last_good = (path, step)
+
+    def stop_if_signalled(signals: StopSignals) -> None:
+        if signals.received is not None:
+            name = signal.Signals(signals.received).name
+            raise RunStopped(f"stopped by {name} at step {step}; last.pt holds that step. "
+                             f"Resume with: {resume_command(cfg)}", 128 + signals.received)
 
     model.train()
     val, counts = None, []  # the latest validation metrics and code histograms
     pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
     t_start = time.perf_counter()
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        if first == 0:
-            epoch_gen_state = data_gen.get_state()
-        else:  # resumed inside an epoch: draw that epoch's permutation again
-            data_gen.set_state(epoch_gen_state)
-        perm = torch.randperm(len(x_train), generator=data_gen, device=device)
-        last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        t0 = time.perf_counter()
-        for i in range(first, last):
-            x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last)
-            beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
-            if is_ba:
-                model.quantizer.beta = beta
-            losses, idx = train_step(model, optimizer, x, cfg.precision)
-            step += 1
-            pbar.update()
-            if step % cfg.log_every == 0:
-                log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
-        sync(device)
-        step_time += time.perf_counter() - t0
-        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-        history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
-        pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
-                   f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, usage {val['usage_rate']:.3f}")
-        save_last()
-        if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
-            atomic_torch_save({"model": model.state_dict(), "step": step, "config": dataclasses.asdict(cfg)},
-                              run_dir / f"checkpoint_epoch{epoch + 1}.pt")
-    pbar.close()
-    if val is None:  # resumed a run that had already finished its steps
-        val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-    wall = time_before + time.perf_counter() - t_start
+    try:
+        with StopSignals() as signals, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+            while step < total_steps:
+                epoch, first = divmod(step, steps_per_epoch)
+                if first == 0:
+                    epoch_gen_state = data_gen.get_state()
+                else:  # resumed inside an epoch: draw that epoch's permutation again
+                    data_gen.set_state(epoch_gen_state)
+                perm = torch.randperm(len(x_train), generator=data_gen, device=device)
+                last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                t0 = time.perf_counter()
+                for i in range(first, last):
+                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last)
+                    beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
+                    if is_ba:
+                        model.quantizer.beta = beta
+                    losses, idx, grad_norm = train_step(model, optimizer, x, cfg.precision)
+                    step += 1
+                    guard.watch(step, losses, grad_norm)
+                    pbar.update()
+                    if step % cfg.log_every == 0:
+                        guard.check(last_good_note())
+                        log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
+                    # the epoch's last step is saved after its validation, below, so that a resumed
+                    # run never skips a validation
+                    stop = signals.received is not None
+                    if i + 1 < last and (stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
+                        save(run_dir / "last.pt", step_time + time.perf_counter() - t0)
+                        stop_if_signalled(signals)
+                sync(device)
+                step_time += time.perf_counter() - t0
+                guard.check(last_good_note())
+                val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+                history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+                pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
+                           f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, "
+                           f"usage {val['usage_rate']:.3f}")
+                save(run_dir / "last.pt", step_time)
+                if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
+                    save(run_dir / f"checkpoint_epoch{epoch + 1}.pt", step_time)
+                stop_if_signalled(signals)
+        pbar.close()
+        if val is None:  # resumed a run that had already finished its steps
+            val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+        wall = time_before + time.perf_counter() - t_start
 
-    final = dict(val)
-    if is_ba:
-        final["beta"] = model.quantizer.beta
-    final |= {"epochs": step / steps_per_epoch, "steps": step, "train_time_s": wall,
-              "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
-    atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
-    atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-    atomic_write_bytes(run_dir / "code_counts.json", (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
-    save_recon_grid(model, x_test, run_dir / "recon.png")
-    history.close()
-    wandb_run.finish()
+        final = dict(val)
+        if is_ba:
+            final["beta"] = model.quantizer.beta
+        final |= {"epochs": step / steps_per_epoch, "steps": step, "train_time_s": wall,
+                  "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
+        atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+        atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
+        atomic_write_bytes(run_dir / "code_counts.json",
+                           (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
+        save_recon_grid(model, x_test, run_dir / "recon.png")
+    finally:
+        pbar.close()
+        history.close()
+        wandb_run.finish()
     print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
           f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
     return final

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import train as cli
 import vqvae
@@ -92,3 +93,27 @@ def test_every_key_is_a_flag_with_help():
     for key in vqvae.CONFIG_KEYS:
         action = parser._option_string_actions[f"--{key}"]
         assert action.help and len(action.help) > 10
+
+
+def test_nested_yaml_keys_are_refused(tmp_path):
+    """The config is flat: a section such as `model:` is an unknown key, and a mapping is not a value."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: small\n")
+    with pytest.raises(vqvae.VQVAEError, match="unknown config key 'model'"):
+        vqvae.load_config(path)
+    path.write_text("codebook_size:\n  value: 64\n")
+    with pytest.raises(vqvae.VQVAEError, match="codebook_size: expected int"):
+        vqvae.load_config(path)
+
+
+def test_invalid_yaml_syntax_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("quantizer: [ba_vq\n")
+    with pytest.raises(vqvae.VQVAEError, match="is not valid YAML"):
+        vqvae.load_config(path)
+
+
+def test_unavailable_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(vqvae.VQVAEError, match="CUDA is not available"):
+        vqvae.pick_device("cuda")

@@ -1,6 +1,8 @@
 import csv
 import json
 import statistics
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def test_sweep_runs_each_run_in_its_directory_and_summarizes(tmp_path):
     md = (study_dir / "results.md").read_text()
     assert "| 2 | ba | quantizer=ba_vq ba_iters=2 entropy_weight=0.1 | 1 |" in md
     counts = vqvae.read_code_counts(study_dir / "vq")
-    assert counts.shape == (32,) and counts.sum() == 64 * 64        # every validation latent counted once
+    assert counts.shape == (32,) and counts.sum() == TINY["synthetic_size"] // 4 * 64  # each validation latent once
     assert (counts > 0).sum() == 32 - final(study_dir / "vq")["dead_codes"]
 
 
@@ -174,3 +176,20 @@ def test_shipped_ba_study_is_the_published_design():
           for p in planned if p.cfg.quantizer == "vq_ema"}
     assert vq == {"baseline": (0.99, "ste", 0.0), "baseline_rotation": (0.99, "rotation", 0.0),
                   "baseline_dead_reset": (0.99, "ste", 1.0)}
+
+
+def test_wandb_runs_of_a_study_share_its_group(tmp_path, monkeypatch):
+    inits = []
+
+    class FakeRun:
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or FakeRun(), Settings=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep(tmp_path, wandb=True, max_steps=1)
+    assert [(kw["name"], kw["group"]) for kw in inits] == [("vq", "mini"), ("ba", "mini")]

@@ -1,0 +1,192 @@
+"""Interrupted runs resume bitwise, faults stop cleanly with a good checkpoint kept, W&B never costs a run."""
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kill_resume
+import train as cli
+import vqvae
+from conftest import tiny_config
+
+TIMING = ("train_time_s", "train_images_per_s")
+
+
+def results(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_killed_processes_resume_bitwise(tmp_path):
+    """Real processes: SIGKILL mid-epoch (resumes from the last save_every_steps checkpoint) and
+    SIGINT (finishes the step, writes last.pt, exits 130)."""
+    trials = kill_resume.run_trials(tmp_path, [("ba_vq", 11, signal.SIGKILL), ("ba_vq", 22, signal.SIGINT)])
+    killed, interrupted = trials
+    assert killed["exit_code"] == -signal.SIGKILL and killed["last_pt_step"] % 3 == 0
+    assert interrupted["exit_code"] == 130 and interrupted["last_pt_step"] == interrupted["stopped_after_step"]
+    assert "--resume" in interrupted["stderr_tail"][0]
+    assert all(t["bitwise_equal"] for t in trials), trials
+
+
+@pytest.mark.parametrize("quantizer,extra", [("vq_ema", {"dead_code_threshold": 2.0}), ("ba_vq", {"ba_prior": "running"})])
+def test_resume_from_a_mid_epoch_checkpoint_is_bitwise(tmp_path, monkeypatch, quantizer, extra):
+    cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=2, save_every_steps=3, **extra)
+    reference = vqvae.train(vqvae.dataclasses.replace(cfg, name="whole"))
+    real_step, calls = vqvae.train_step, []
+
+    def step_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # inside epoch 2 (8 steps per epoch); last.pt is from step 9
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(vqvae, "train_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vqvae.train(cfg)
+    monkeypatch.setattr(vqvae, "train_step", real_step)
+    state = vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")
+    assert (state["step"], state["epoch"], state["epoch_step"]) == (9, 1, 1)
+    resumed = vqvae.train(cfg, resume=True)
+    assert results(resumed) == results(reference)
+    a = torch.load(vqvae.run_dir_of(cfg) / "final_model.pt")["model"]
+    b = torch.load(tmp_path / "experiments" / "whole" / "final_model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b if isinstance(b[k], torch.Tensor))
+
+
+def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=2)
+    real_step, calls = vqvae.train_step, []
+
+    def step_and_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(vqvae, "train_step", step_and_signal)
+    with pytest.raises(vqvae.RunStopped, match="stopped by SIGINT at step 5") as stopped:
+        vqvae.train(cfg)
+    assert stopped.value.exit_code == 130
+    assert vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=2, save_every_steps=2, log_every=3)
+    real_batch = vqvae.get_batch
+    step = []
+
+    def poisoned(*args, **kwargs):
+        step.append(1)
+        x = real_batch(*args, **kwargs)
+        return x * float("nan") if len(step) == 5 else x
+
+    monkeypatch.setattr(vqvae, "get_batch", poisoned)
+    with pytest.raises(vqvae.RunStopped, match=r"non-finite value at step 5 \(recon nan.*grad_norm nan") as stopped:
+        vqvae.train(cfg)
+    assert stopped.value.exit_code == 3 and "last good checkpoint is" in str(stopped.value)
+    state = vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")
+    assert state["step"] == 4                                    # written before the bad step, not after
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_detect_anomaly_flag_turns_on_autograd_anomaly_detection(tmp_path, monkeypatch):
+    seen = []
+    real = vqvae.train_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_anomaly_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vqvae, "train_step", spy)
+    vqvae.train(tiny_config(tmp_path, max_steps=2, detect_anomaly=True))
+    vqvae.train(tiny_config(tmp_path, name="off", max_steps=2))
+    assert seen == [True, True, False, False] and not torch.is_anomaly_enabled()
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=3)
+    real_save, saves = vqvae.atomic_torch_save, []
+
+    def disk_full_on_second(obj, path):
+        saves.append(path)
+        if len(saves) == 3:  # last.pt, checkpoint_epoch1.pt, then last.pt of epoch 2
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(vqvae, "atomic_torch_save", disk_full_on_second)
+    with pytest.raises(vqvae.RunStopped, match="No space left on device.*last good checkpoint is .*last.pt \\(step 8\\)"):
+        vqvae.train(cfg)
+    assert vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")["step"] == 8
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_newest_good_one(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    vqvae.train(cfg)
+    run = vqvae.run_dir_of(cfg)
+    (run / "final_metrics.json").unlink()
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])            # truncated
+    with pytest.raises(vqvae.VQVAEError, match=r"cannot read checkpoint .*last.pt .*newest readable checkpoint is "
+                                               r".*checkpoint_epoch2.pt \(step 16\)"):
+        vqvae.train(cfg, resume=True)
+    (run / "checkpoint_epoch2.pt").replace(run / "last.pt")           # what the message says to do
+    assert vqvae.train(cfg, resume=True)["steps"] == 16
+
+
+def test_resume_lists_every_key_that_changes_the_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2)
+    vqvae.train(cfg)
+    with pytest.raises(vqvae.VQVAEError, match=r"quantizer \(vq_ema in the checkpoint, ba_vq now\), "
+                                               r"codebook_size \(32 in the checkpoint, 16 now\)"):
+        vqvae.train(vqvae.dataclasses.replace(cfg, quantizer="ba_vq", codebook_size=16), resume=True)
+    # keys that may change: more epochs, logging
+    final = vqvae.train(vqvae.dataclasses.replace(cfg, max_steps=4, log_every=1, wandb=False), resume=True)
+    assert final["steps"] == 4
+
+
+def wandb_offline_files(run_dir: Path) -> list:
+    return sorted(run_dir.glob("wandb/offline-run-*/files/wandb-summary.json"))
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(tmp_path, wandb=True, max_steps=4)
+    final = vqvae.train(cfg)
+    summaries = wandb_offline_files(vqvae.run_dir_of(cfg))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert summary["val/psnr"] == pytest.approx(final["psnr"]) and "train/loss" in summary
+
+
+def test_wandb_logged_in_without_network_falls_back_in_seconds(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)                   # looks logged in
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")       # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(tmp_path, wandb=True, max_steps=2)
+    t0 = time.perf_counter()
+    vqvae.train(cfg)
+    assert time.perf_counter() - t0 < vqvae.WANDB_INIT_TIMEOUT_S + 20
+    assert (vqvae.run_dir_of(cfg) / "final_metrics.json").is_file()
+
+
+def test_wandb_crash_mid_run_does_not_end_training(tmp_path, monkeypatch, capsys):
+    class Broken:
+        def log(self, *args, **kwargs):
+            raise RuntimeError("wandb internal error")
+
+        def finish(self):
+            raise RuntimeError("still broken")
+
+    monkeypatch.setattr(vqvae, "start_wandb", lambda *args: vqvae.SafeWandb(Broken()))
+    final = vqvae.train(tiny_config(tmp_path, max_steps=4))
+    assert final["steps"] == 4 and "continuing without W&B" in capsys.readouterr().out
