@@ -1096,7 +1096,20 @@ def _wandb_logged_in() -> bool:
         return False
 
 
-WANDB_INIT_TIMEOUT_S = 10  # a logged-in run with no network falls back to offline after this
+WANDB_INIT_TIMEOUT_S = 20  # a server that answers but does not start the run: offline after this
+
+
+def _wandb_server_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within `timeout` seconds, so a machine
+    without network goes offline at once instead of waiting for wandb's own timeouts."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def start_wandb(cfg: Config, run_dir: Path, resume: bool, run_id: str):
@@ -1113,6 +1126,9 @@ def start_wandb(cfg: Config, run_dir: Path, resume: bool, run_id: str):
     mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
         print(f"W&B: not logged in; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
+    if mode == "online" and not _wandb_server_reachable():
+        print(f"W&B: server not reachable; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
+        mode = "offline"
     for attempt in (mode, "offline"):
         try:
             run = wandb.init(project=cfg.wandb_project, name=cfg.name, group=cfg.wandb_group or None,

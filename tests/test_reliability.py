@@ -174,7 +174,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, monkeypatch):
     assert [r["val/psnr"] for r in rows if "val/psnr" in r] == pytest.approx([final["psnr"]])
 
 
-def test_wandb_logged_in_without_network_falls_back_in_seconds(tmp_path, monkeypatch):
+def test_wandb_logged_in_without_network_falls_back_in_seconds(tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)                   # looks logged in
@@ -183,8 +183,10 @@ def test_wandb_logged_in_without_network_falls_back_in_seconds(tmp_path, monkeyp
     cfg = tiny_config(tmp_path, wandb=True, max_steps=2)
     t0 = time.perf_counter()
     vqvae.train(cfg)
-    assert time.perf_counter() - t0 < vqvae.WANDB_INIT_TIMEOUT_S + 20
+    assert time.perf_counter() - t0 < 15                           # training itself takes a second or two
     assert (vqvae.run_dir_of(cfg) / "final_metrics.json").is_file()
+    assert len(list(vqvae.run_dir_of(cfg).glob("wandb/offline-run-*"))) == 1
+    assert "server not reachable; logging offline" in capsys.readouterr().out
 
 
 def test_wandb_crash_mid_run_does_not_end_training(tmp_path, monkeypatch, capsys):
