@@ -27,3 +27,18 @@ def set_chunk_rows(monkeypatch, rows: int, codebook_size: int) -> None:
     """Make the quantizers' N×K work run in chunks of `rows` rows."""
     monkeypatch.setattr(vqvae, "CHUNK_ELEMENTS", rows * codebook_size)
     monkeypatch.setattr(vqvae, "MIN_CHUNK_ROWS", 1)
+
+
+def interrupt_on_call(monkeypatch, name: str, n: int):
+    """Make vqvae.<name> raise KeyboardInterrupt on its n-th call (a crash at that point of a run).
+    Returns a function that puts the real one back."""
+    real, calls = getattr(vqvae, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vqvae, name, dying)
+    return lambda: monkeypatch.setattr(vqvae, name, real)

@@ -67,11 +67,15 @@ def test_reverse_annealing_is_allowed():
     assert vqvae.beta_at(0, 10, 5, cfg) == pytest.approx(3.0)
 
 
-def test_yaml_that_is_not_a_mapping(tmp_path):
+def refused_yaml(tmp_path, text: str, match: str) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("- a\n- b\n")
-    with pytest.raises(vqvae.VQVAEError, match="must hold a mapping"):
+    path.write_text(text)
+    with pytest.raises(vqvae.VQVAEError, match=match):
         vqvae.load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    refused_yaml(tmp_path, "- a\n- b\n", "must hold a mapping")
 
 
 def test_missing_config_file(tmp_path):
@@ -97,20 +101,12 @@ def test_every_key_is_a_flag_with_help():
 
 def test_nested_yaml_keys_are_refused(tmp_path):
     """The config is flat: a section such as `model:` is an unknown key, and a mapping is not a value."""
-    path = tmp_path / "c.yaml"
-    path.write_text("model:\n  arch: small\n")
-    with pytest.raises(vqvae.VQVAEError, match="unknown config key 'model'"):
-        vqvae.load_config(path)
-    path.write_text("codebook_size:\n  value: 64\n")
-    with pytest.raises(vqvae.VQVAEError, match="codebook_size: expected int"):
-        vqvae.load_config(path)
+    refused_yaml(tmp_path, "model:\n  arch: small\n", "unknown config key 'model'")
+    refused_yaml(tmp_path, "codebook_size:\n  value: 64\n", "codebook_size: expected int")
 
 
 def test_invalid_yaml_syntax_is_one_line(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("quantizer: [ba_vq\n")
-    with pytest.raises(vqvae.VQVAEError, match="is not valid YAML"):
-        vqvae.load_config(path)
+    refused_yaml(tmp_path, "quantizer: [ba_vq\n", "is not valid YAML")
 
 
 def test_unavailable_device_is_refused(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 import kill_resume
 import train as cli
 import vqvae
-from conftest import tiny_config
+from conftest import interrupt_on_call, tiny_config
 
 TIMING = ("train_time_s", "train_images_per_s")
 
@@ -38,18 +38,10 @@ def test_killed_processes_resume_bitwise(tmp_path):
 def test_resume_from_a_mid_epoch_checkpoint_is_bitwise(tmp_path, monkeypatch, quantizer, extra):
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=2, save_every_steps=3, **extra)
     reference = vqvae.train(vqvae.dataclasses.replace(cfg, name="whole"))
-    real_step, calls = vqvae.train_step, []
-
-    def step_then_die(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 12:  # inside epoch 2 (8 steps per epoch); last.pt is from step 9
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(vqvae, "train_step", step_then_die)
+    restore = interrupt_on_call(monkeypatch, "train_step", 12)  # inside epoch 2 (8 steps each); last.pt: step 9
     with pytest.raises(KeyboardInterrupt):
         vqvae.train(cfg)
-    monkeypatch.setattr(vqvae, "train_step", real_step)
+    restore()
     state = vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")
     assert (state["step"], state["epoch"], state["epoch_step"]) == (9, 1, 1)
     resumed = vqvae.train(cfg, resume=True)
@@ -59,22 +51,33 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bitwise(tmp_path, monkeypatch, qu
     assert all(torch.equal(a[k], b[k]) for k in b if isinstance(b[k], torch.Tensor))
 
 
-def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, sig):
     cfg = tiny_config(tmp_path, epochs=2)
     real_step, calls = vqvae.train_step, []
+    before = signal.getsignal(sig)
 
     def step_and_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(vqvae, "train_step", step_and_signal)
-    with pytest.raises(vqvae.RunStopped, match="stopped by SIGINT at step 5") as stopped:
+    with pytest.raises(vqvae.RunStopped, match=f"stopped by {sig.name} at step 5.*--resume") as stopped:
         vqvae.train(cfg)
-    assert stopped.value.exit_code == 130
+    assert stopped.value.exit_code == 128 + sig
     assert vqvae.load_checkpoint(vqvae.run_dir_of(cfg) / "last.pt")["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
+    assert signal.getsignal(sig) is before                                    # handler restored
+
+
+def test_a_second_signal_stops_at_once():
+    with pytest.raises(KeyboardInterrupt):
+        with vqvae.StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.received == signal.SIGINT                         # the first only sets the flag
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)                                                     # (not reached)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import yaml
 import study
 import train as cli
 import vqvae
+from conftest import interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", synthetic_size=128, batch_size=32, codebook_size=32, n_hid=16, latent_dim=8,
@@ -73,18 +74,10 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
 def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     path = write_sweep(tmp_path)
     reference = sweep(tmp_path, path, out_dir=str(tmp_path / "whole"))
-    real_evaluate, calls = vqvae.evaluate, []
-
-    def evaluate_then_die(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # second run, end of epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(vqvae, "evaluate", evaluate_then_die)
+    restore = interrupt_on_call(monkeypatch, "evaluate", 4)  # second run, end of epoch 2, after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
         sweep(tmp_path, path)
-    monkeypatch.setattr(vqvae, "evaluate", real_evaluate)
+    restore()
     assert study.run_state(tmp_path / "exp" / "mini" / "ba") == "interrupted"
     resumed = sweep(tmp_path, path)
     keys = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "beta")

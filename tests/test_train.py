@@ -8,7 +8,7 @@ import torch
 
 import train as cli
 import vqvae
-from conftest import tiny_config
+from conftest import interrupt_on_call, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("train_time_s", "train_images_per_s")
@@ -87,19 +87,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     reference = vqvae.train(dataclasses_replace(cfg, name="whole"))
     ref_model = torch.load(tmp_path / "experiments" / "whole" / "final_model.pt")["model"]
 
-    real_evaluate = vqvae.evaluate
-    calls = []
-
-    def evaluate_then_die(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # interrupted at the end of epoch 2, before its checkpoint
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(vqvae, "evaluate", evaluate_then_die)
+    restore = interrupt_on_call(monkeypatch, "evaluate", 2)  # end of epoch 2, before its checkpoint
     with pytest.raises(KeyboardInterrupt):
         vqvae.train(cfg)
-    monkeypatch.setattr(vqvae, "evaluate", real_evaluate)
+    restore()
     assert vqvae.load_checkpoint(tmp_path / "experiments" / "run" / "last.pt")["step"] == 256 // 32  # epoch 1's checkpoint
     resumed = vqvae.train(cfg, resume=True)
     assert results(resumed) == results(reference)
