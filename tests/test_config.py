@@ -44,6 +44,7 @@ def test_bool_flags():
     (dict(beta_start=0), "beta_start must be a finite number > 0"),
     (dict(beta_end=-1.0), "beta_end must be a finite number > 0"),
     (dict(ba_iters=0), "ba_iters must be ≥ 1"),
+    (dict(batch_size=0), "batch_size must be ≥ 1"),
     (dict(lr=0), "lr must be a finite number > 0"),
     (dict(lr="nan"), "lr must be a finite number > 0"),
     (dict(quantizer="vq_emma"), "did you mean 'vq_ema'"),
@@ -113,3 +114,22 @@ def test_unavailable_device_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(vqvae.VQVAEError, match="CUDA is not available"):
         vqvae.pick_device("cuda")
+
+
+def test_readme_bad_input_table_names_tests_that_exist():
+    """Every row of the README's bad-input table points at tests that are really in the suite."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Bad input"):readme.index("## Interruptions")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    assert len(rows) >= 20
+    for row in rows:
+        named = re.findall(r"`(?:(test_\w+)::)?(test_\w+)`", row.split("|")[3])
+        assert named, row
+        module = None
+        for file, test in named:
+            module = file or module
+            assert f"def {test}(" in (root / "tests" / f"{module}.py").read_text(), (module, test)
