@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
@@ -96,6 +98,41 @@ def atomic_torch_save(obj, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# Data-parallel training (torchrun): every process runs the same code on its shard of each global
+# batch; the helpers below are no-ops in a single process. Every process makes the same collective
+# calls in the same order: none sits behind a rank-dependent branch.
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of this process; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) t across processes, in place; returns t."""
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_logsumexp_(log_x: torch.Tensor) -> torch.Tensor:
+    """log Σ_processes exp(log_x), in place and shift-stabilised: log-domain sums stay in the log domain."""
+    if world()[1] > 1:
+        shift = all_reduce_(log_x.clone(), "max")
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        log_x.copy_(all_reduce_((log_x - shift).exp()).log() + shift)
+    return log_x
+
+
+def broadcast_(t: torch.Tensor) -> torch.Tensor:
+    """rank 0's t on every process, in place."""
+    if world()[1] > 1:
+        dist.broadcast(t, src=0)
+    return t
 
 
 def flatten_latents(z_e: torch.Tensor) -> torch.Tensor:
@@ -181,7 +218,7 @@ class Config:
     # --- training
     epochs: int = _opt(10, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); the β schedule spans the shortened run")
-    batch_size: int = _opt(128, "training batch size")
+    batch_size: int = _opt(128, "training batch size; under torchrun the global batch, split evenly among the processes")
     eval_batch_size: int = _opt(500, "validation batch size (does not change the metrics)")
     lr: float = _opt(3e-4, "AdamW learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
@@ -445,9 +482,14 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
-def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int, channels_last: bool = True):
-    """Batch i of an epoch's permutation, as float [−1, 1] (B, 3, 32, 32) in the model's layout."""
-    x = normalize(x_uint8[perm[i * batch_size:(i + 1) * batch_size]])
+def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int, channels_last: bool = True,
+              shard: tuple = (0, 1)):
+    """Batch i of an epoch's permutation, as float [−1, 1] (B, 3, 32, 32) in the model's layout.
+    shard (rank, processes): this process's contiguous share of the global batch."""
+    rank, n = shard
+    local = batch_size // n
+    start = i * batch_size + rank * local
+    x = normalize(x_uint8[perm[start:start + local]])
     return x if channels_last else x.contiguous()
 
 
@@ -616,8 +658,8 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """counts (K,): mass assigned to each code in this batch; sums (K, D): the encoder outputs
-        summed with those weights. Codes become EMA(sums) / Laplace-smoothed EMA(counts)."""
+        """counts (K,): mass assigned to each code in the (global) batch; sums (K, D): the encoder
+        outputs summed with those weights. Codes become EMA(sums) / Laplace-smoothed EMA(counts)."""
         self.cluster_size.lerp_(counts, 1 - self.ema_decay)
         self.embed_sum.lerp_(sums, 1 - self.ema_decay)
         n = self.cluster_size.sum()
@@ -632,6 +674,7 @@ class Quantizer(nn.Module):
         that many vectors per batch. Branch-free: it never reads a value back from the device."""
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)      # (K, 1)
         picks = z[torch.randint(z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
+        broadcast_(picks)  # data-parallel: rank 0's draws, so every process's codebook stays the same
         self.cluster_size.masked_fill_(dead.squeeze(1), self.dead_code_threshold)
         self.embed_sum.copy_(torch.where(dead, picks * self.dead_code_threshold, self.embed_sum))
         self.codebook.copy_(torch.where(dead, picks, self.codebook))
@@ -672,7 +715,7 @@ class VQEMA(Quantizer):
                 ones = torch.ones_like(idx, dtype=z.dtype)
                 counts = torch.zeros(self.codebook_size, device=z.device).index_add_(0, idx, ones)
                 sums = torch.zeros_like(self.codebook).index_add_(0, idx, z.detach())
-                self.ema_update(counts, sums)
+                self.ema_update(all_reduce_(counts), all_reduce_(sums))          # global-batch statistics
                 if self.dead_code_threshold > 0:
                     self.reseed_dead_codes(z.detach())
                 if self.grad_estimator == "rotation":
@@ -692,6 +735,8 @@ class BAEStep(torch.autograd.Function):
     """The last BA E-step and its uses, in row chunks: z (N, D), codebook (K, D), log_q (K,) a
     constant prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
     soft-weighted sums Σ_n p(k|e_n)·e_n (K, D) for an EMA codebook (else an empty tensor).
+    Data-parallel, Q and the sums are over the global batch; backward divides g_Q by the local N,
+    which after DDP's gradient averaging is the global batch's gradient.
 
     z_q is the expectation Σ_k p(k|e)·c_k (soft), or the code c_idx (hard) with the gradient of the
     expectation: the value of z_q_soft + sg(c_idx − z_q_soft), without computing z_q_soft.
@@ -724,7 +769,9 @@ class BAEStep(torch.autograd.Function):
         ctx.save_for_backward(z, codebook, log_q, *kept)
         ctx.beta = beta
         ctx.mark_non_differentiable(idx, soft_sums)
-        return z_q, p_sum / N, idx, soft_sums
+        if sums:
+            all_reduce_(soft_sums)
+        return z_q, all_reduce_(p_sum) / (N * world()[1]), idx, soft_sums
 
     @staticmethod
     def backward(ctx, g_zq, g_Q, _idx, _sums):
@@ -792,7 +839,7 @@ class BAVQ(Quantizer):
             for rows in row_chunks(z, codebook):
                 log_p = torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1)
                 torch.logaddexp(log_mass, torch.logsumexp(log_p, 0), out=log_mass)
-            log_q = log_mass - math.log(z.shape[0])
+            log_q = all_reduce_logsumexp_(log_mass) - math.log(z.shape[0] * world()[1])  # global batch marginal
         return log_q
 
     def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -818,7 +865,7 @@ class BAVQ(Quantizer):
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
             if self.ema:
-                self.ema_update(Q.detach() * z.shape[0], sums)
+                self.ema_update(Q.detach() * (z.shape[0] * world()[1]), sums)  # global counts, global sums
                 if self.dead_code_threshold > 0:
                     self.reseed_dead_codes(z.detach())
             else:
@@ -873,6 +920,23 @@ def build_model(cfg: Config, device: torch.device) -> VQVAE:
         model.encoder.compile()
         model.decoder.compile()
     return model
+
+
+def data_parallel(model: VQVAE, device: torch.device) -> nn.Module:
+    """The module to call in training: the model itself in one process; data-parallel, the model
+    with every parameter and buffer set to rank 0's (codebook and EMA statistics included: DDP
+    itself skips parameters that take no gradient), wrapped in DDP, which averages gradients.
+    The quantizers keep their buffers equal by all-reducing their statistics, so DDP need not
+    broadcast buffers every step."""
+    if world()[1] == 1:
+        return model
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            broadcast_(t)
+    ddp = nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})  # the keyword was renamed in recent PyTorch
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 def make_optimizer(model: VQVAE, cfg: Config) -> torch.optim.Optimizer:
@@ -1021,18 +1085,21 @@ def read_history(run_dir) -> list:
 class History:
     """history.jsonl: one JSON object per logged train step and per validation; mirrored to W&B."""
 
-    def __init__(self, path: Path, wandb_run):
-        self.file = open(path, "a")
+    def __init__(self, path: Optional[Path], wandb_run):
+        self.file = open(path, "a") if path is not None else None  # None: a process that writes nothing
         self.wandb_run = wandb_run
 
     def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
+        if self.file is None:
+            return
         record = {"split": split, "step": step, "epoch": epoch, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _record_step(line: str):
@@ -1202,7 +1269,7 @@ class FiniteGuard:
         self.names = list(losses) + ["grad_norm"]
 
     def check(self, last_good: str) -> None:
-        step = int(self.first_bad.item())
+        step = int(all_reduce_(self.first_bad.clone(), "max").item())  # every process stops together
         if step >= 0:
             terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.names, self.values.tolist()))
             raise RunStopped(f"non-finite value at step {step} ({terms}); stopped. {last_good} "
@@ -1238,20 +1305,23 @@ class StopSignals:
 def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32", counts_out: list = None) -> dict:
     """Validation over the whole set with the hard code: mse/psnr/psnr_legacy from the summed
     squared error, and codebook metrics from the histogram of all codes (not per-batch averages).
-    With a list as counts_out, the histogram (K,) is appended to it."""
+    Data-parallel, each process passes its share of the set and the sums are added up across
+    processes. With a list as counts_out, the histogram (K,) is appended to it."""
     was_training = model.training
     model.eval()
     device = x_uint8.device
     K = model.quantizer.codebook_size
-    sse, counts = [], torch.zeros(K, dtype=torch.long, device=device)
+    sse, counts = torch.zeros((), dtype=torch.float64, device=device), torch.zeros(K, dtype=torch.long, device=device)
     for start in range(0, len(x_uint8), batch_size):
         x = normalize(x_uint8[start:start + batch_size])
         with autocast_for(device, precision):
             x_hat, _, idx = model(x)
-        sse.append((x_hat.float() - x).pow(2).sum())
+        sse += (x_hat.float() - x).pow(2).sum().double()
         counts += code_histogram(idx, K)
     model.train(was_training)
-    metrics = reconstruction_metrics(torch.stack(sse).cpu().double().sum().item(), x_uint8.numel())
+    n_values = all_reduce_(torch.tensor(x_uint8.numel(), dtype=torch.float64, device=device))
+    metrics = reconstruction_metrics(all_reduce_(sse).item(), int(n_values.item()))
+    all_reduce_(counts)
     if counts_out is not None:
         counts_out.append(counts.cpu())
     return metrics | codebook_metrics(counts.cpu())
@@ -1283,9 +1353,9 @@ def check_sizes(cfg: Config, n_train: int, latents_per_image: int) -> None:
 def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor, K: int, beta):
     """The only place the training loop reads values back from the device."""
     names = list(losses)
-    values = torch.stack([losses[n].detach().float() for n in names]).tolist()
+    values = (all_reduce_(torch.stack([losses[n].detach().float() for n in names])) / world()[1]).tolist()
     metrics = dict(zip(names, values)) | {"loss": sum(values)}
-    counts = code_histogram(idx, K).cpu()
+    counts = all_reduce_(code_histogram(idx, K)).cpu()                # the global batch's codes
     metrics |= {"perplexity": perplexity(counts), "usage": usage_rate(counts)}
     if beta is not None:
         metrics["beta"] = beta
@@ -1297,19 +1367,55 @@ def resume_command(cfg: Config) -> str:
     return f"python train.py --out_dir {shlex.quote(cfg.out_dir)} --name {shlex.quote(cfg.name)} --resume"
 
 
+def start_distributed(cfg: Config) -> tuple[torch.device, bool]:
+    """This process's device and whether this call joined a process group (and must leave it).
+    Under torchrun (WORLD_SIZE > 1) it joins the group: NCCL with one GPU per process (LOCAL_RANK),
+    or gloo on CPU."""
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return device, False
+    if device.type not in ("cpu", "cuda"):
+        raise VQVAEError(f"multi-process training runs on CUDA (NCCL) or CPU (gloo), not {device.type}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory.
     Stops with RunStopped (after keeping a checkpoint to resume from) on SIGINT/SIGTERM, on a
-    non-finite loss or gradient, or when a checkpoint cannot be written."""
+    non-finite loss or gradient, or when a checkpoint cannot be written. Launched by torchrun, each
+    process trains on its share of every global batch and only rank 0 writes files."""
+    cfg = validate(cfg)
+    device, joined = start_distributed(cfg)
+    try:
+        final = train_on(cfg, device, resume, overwrite)
+        if joined:
+            dist.barrier()  # rank 0 may still be writing results: leave the group together
+        return final
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> dict:
     from tqdm import tqdm
 
-    cfg = validate(cfg)
+    rank, n_proc = world()
+    main = rank == 0
+    say = print if main else (lambda *args, **kwargs: None)
     if not cfg.name:
         if resume:
             raise VQVAEError("--resume needs the --name of the run to continue")
-        cfg = dataclasses.replace(cfg, name=f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}")
-    device = pick_device(cfg.device)
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+        name = [f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}"]
+        if n_proc > 1:
+            dist.broadcast_object_list(name, src=0)  # rank 0's clock names the run
+        cfg = dataclasses.replace(cfg, name=name[0])
+    if cfg.batch_size % n_proc:
+        raise VQVAEError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly among {n_proc} processes")
+    run_dir = prepare_run_dir(cfg, resume, overwrite) if main else run_dir_of(cfg)
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -1320,8 +1426,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
     train_np, test_np = load_dataset(cfg)
     check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2)
-    print(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
-    print(f"device {device}, {len(train_np)} training and {len(test_np)} validation images")
+    say(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
+    say(f"device {device}" + (f" × {n_proc} processes" if n_proc > 1 else "") +
+        f", {len(train_np)} training and {len(test_np)} validation images")
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1349,19 +1456,23 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         epoch_gen_state = checkpoint["epoch_gen_state"]
         set_rng_states(checkpoint["rng"], device)
         wandb_id = checkpoint.get("wandb_id", wandb_id)
-        truncate_history(run_dir / "history.jsonl", step)
+        if main:
+            truncate_history(run_dir / "history.jsonl", step)
         last_good = (run_dir / "last.pt", step)
-        print(f"resuming {run_dir} at step {step} of {total_steps}")
+        say(f"resuming {run_dir} at step {step} of {total_steps}")
     else:
         if cfg.codebook_init == "kmeans":
             t0 = time.perf_counter()
             kmeans_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             init_codebook_from_data(model, x_train, cfg, kmeans_gen)
-            print(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
-        atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
-    wandb_run = start_wandb(cfg, run_dir, resume, wandb_id)
-    history = History(run_dir / "history.jsonl", wandb_run)
+            say(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
+        if main:
+            atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
+    net = data_parallel(model, device)
+    wandb_run = start_wandb(cfg, run_dir, resume, wandb_id) if main else NoWandb()
+    history = History(run_dir / "history.jsonl" if main else None, wandb_run)
     guard = FiniteGuard(device)
+    x_val = x_test[rank::n_proc]  # this process's share of the validation set
 
     def last_good_note() -> str:
         if last_good is None:
@@ -1373,6 +1484,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         bitwise. Never written after a non-finite step; a failed write stops the run."""
         nonlocal last_good
         guard.check(last_good_note())
+        if not main:
+            last_good = (path, step) if path.name == "last.pt" else last_good
+            return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
                  "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
@@ -1386,15 +1500,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if path.name == "last.pt":
             last_good = (path, step)
 
-    def stop_if_signalled(signals: StopSignals) -> None:
-        if signals.received is not None:
-            name = signal.Signals(signals.received).name
-            raise RunStopped(f"stopped by {name} at step {step}; last.pt holds that step. "
-                             f"Resume with: {resume_command(cfg)}", 128 + signals.received)
+    def agreed_signal(signals: StopSignals, ask: bool) -> int:
+        """The signal that stops the run, or 0. Alone, read every step; data-parallel, agreed
+        across processes (a collective) only where `ask` is true, so all stop at the same step."""
+        if n_proc == 1:
+            return signals.received or 0
+        if not ask:
+            return 0
+        return int(all_reduce_(torch.tensor(signals.received or 0, device=device), "max").item())
+
+    def stopped(signum: int) -> RunStopped:
+        return RunStopped(f"stopped by {signal.Signals(signum).name} at step {step}; last.pt holds that step. "
+                          f"Resume with: {resume_command(cfg)}", 128 + signum)
 
     model.train()
     val, counts = None, []  # the latest validation metrics and code histograms
-    pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True, disable=not main)
     t_start = time.perf_counter()
     try:
         with StopSignals() as signals, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
@@ -1408,11 +1529,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
                 t0 = time.perf_counter()
                 for i in range(first, last):
-                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last)
+                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc))
                     beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
                     if is_ba:
                         model.quantizer.beta = beta
-                    losses, idx, grad_norm = train_step(model, optimizer, x, cfg.precision)
+                    losses, idx, grad_norm = train_step(net, optimizer, x, cfg.precision)
                     step += 1
                     guard.watch(step, losses, grad_norm)
                     pbar.update()
@@ -1421,25 +1542,28 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                         log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
                     # the epoch's last step is saved after its validation, below, so that a resumed
                     # run never skips a validation
-                    stop = signals.received is not None
-                    if i + 1 < last and (stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
+                    signum = agreed_signal(signals, step % cfg.log_every == 0)
+                    if i + 1 < last and (signum or (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
                         save(run_dir / "last.pt", step_time + time.perf_counter() - t0)
-                        stop_if_signalled(signals)
+                        if signum:
+                            raise stopped(signum)
                 sync(device)
                 step_time += time.perf_counter() - t0
                 guard.check(last_good_note())
-                val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+                val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
                 history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
-                pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
+                say(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
                            f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, "
                            f"usage {val['usage_rate']:.3f}")
                 save(run_dir / "last.pt", step_time)
                 if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
                     save(run_dir / f"checkpoint_epoch{epoch + 1}.pt", step_time)
-                stop_if_signalled(signals)
+                signum = agreed_signal(signals, True)
+                if signum:
+                    raise stopped(signum)
         pbar.close()
         if val is None:  # resumed a run that had already finished its steps
-            val = evaluate(model, x_test, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+            val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
         wall = time_before + time.perf_counter() - t_start
 
         final = dict(val)
@@ -1447,15 +1571,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             final["beta"] = model.quantizer.beta
         final |= {"epochs": step / steps_per_epoch, "steps": step, "train_time_s": wall,
                   "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
-        atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
-        atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-        atomic_write_bytes(run_dir / "code_counts.json",
-                           (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
-        save_recon_grid(model, x_test, run_dir / "recon.png")
+        if main:
+            atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+            atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
+            atomic_write_bytes(run_dir / "code_counts.json",
+                               (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
+            save_recon_grid(model, x_test, run_dir / "recon.png")
     finally:
         pbar.close()
         history.close()
         wandb_run.finish()
-    print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
+    say(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
           f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
     return final
