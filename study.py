@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -155,11 +156,30 @@ def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, o
     study, base, runs = read_sweep(path)
     plan = {"study": study, "sweep_file": str(path), "seeds": [p.seed for p in planned if p.run == planned[0].run],
             "base": base, "runs": runs, "flags": flags or {}}
-    vqvae.atomic_write_bytes(study_dir / "sweep.json", (json.dumps(plan, indent=2) + "\n").encode())
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 writes the study's files
+    if main:
+        vqvae.atomic_write_bytes(study_dir / "sweep.json", (json.dumps(plan, indent=2) + "\n").encode())
+    # under torchrun, one process group serves every run of the study (joining and leaving it per
+    # run races between processes)
+    _, joined = vqvae.start_distributed(planned[0].cfg)
+    try:
+        run_all(planned, overwrite, main)
+        if joined:
+            vqvae.dist.barrier()
+    finally:
+        if joined:
+            vqvae.dist.destroy_process_group()
+    if not main:
+        return []
+    return summarize(study_dir)
+
+
+def run_all(planned: list, overwrite: bool, main: bool) -> None:
     t0 = time.perf_counter()
     for i, p in enumerate(planned, 1):
         state = "new" if overwrite else run_state(p.dir)
-        print(f"\n=== [{i}/{len(planned)}] {p.cfg.name} ({'redo' if overwrite else state}) → {p.dir}", flush=True)
+        if main:
+            print(f"\n=== [{i}/{len(planned)}] {p.cfg.name} ({'redo' if overwrite else state}) → {p.dir}", flush=True)
         if state == "done":
             continue
         if state == "partial":
@@ -169,8 +189,9 @@ def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, o
         except vqvae.RunStopped as e:
             raise vqvae.RunStopped(f"{e} — or run the same --sweep command again to go on with the study",
                                    e.exit_code) from None
-    print(f"\nstudy {study_dir}: {len(planned)} runs, this session {(time.perf_counter() - t0) / 60:.1f} min")
-    return summarize(study_dir)
+    if main:
+        print(f"\nstudy {Path(planned[0].cfg.out_dir)}: {len(planned)} runs, this session "
+              f"{(time.perf_counter() - t0) / 60:.1f} min")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,3 +130,17 @@ def test_a_two_process_run_resumes_bitwise(tmp_path):
     spawn(train_worker, values | {"name": "split", "max_steps": 12}, True)      # --resume, to the same end
     a, b = (torch.load(tmp_path / name / "final_model.pt")["model"] for name in ("whole", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_torchrun_sweep_runs_a_study_in_one_process_group(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("study: duo\nbase: {dataset: synthetic, synthetic_size: 128, batch_size: 32, codebook_size: 16,\n"
+                     "       n_hid: 8, latent_dim: 4, max_steps: 3, wandb: false, device: cpu}\n"
+                     "runs:\n  - {name: vq, quantizer: vq_ema}\n  - {name: ba, quantizer: ba_vq, ba_iters: 2}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "train.py", "--sweep", str(sweep), "--out_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((tmp_path / "duo" / run / "final_metrics.json").is_file() for run in ("vq", "ba"))
+    assert "| 2 | ba |" in (tmp_path / "duo" / "results.md").read_text()
+    assert proc.stdout.count("=== [2/2]") == 1                                        # rank 0 alone reports
