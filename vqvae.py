@@ -1483,20 +1483,18 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
         """A full checkpoint: everything the rest of the run depends on, so --resume continues it
         bitwise. Never written after a non-finite step; a failed write stops the run."""
         nonlocal last_good
-        guard.check(last_good_note())
-        if not main:
-            last_good = (path, step) if path.name == "last.pt" else last_good
-            return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
-                 "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
-                 "train_step_time_s": step_time_now, "train_time_s": time_before + time.perf_counter() - t_start,
-                 "rng": rng_states(device), "wandb_id": wandb_id, "config": dataclasses.asdict(cfg)}
-        try:
-            atomic_torch_save(state, path)
-        except OSError as e:
-            raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train on "
-                             f"without one. {last_good_note()}", 4) from None
+        guard.check(last_good_note())  # on every process: a collective when data-parallel
+        if main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
+                     "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
+                     "train_step_time_s": step_time_now, "train_time_s": time_before + time.perf_counter() - t_start,
+                     "rng": rng_states(device), "wandb_id": wandb_id, "config": dataclasses.asdict(cfg)}
+            try:
+                atomic_torch_save(state, path)
+            except OSError as e:
+                raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train "
+                                 f"on without one. {last_good_note()}", 4) from None
         if path.name == "last.pt":
             last_good = (path, step)
 
