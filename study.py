@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -182,7 +183,7 @@ def run_all(planned: list, overwrite: bool, main: bool) -> None:
             print(f"\n=== [{i}/{len(planned)}] {p.cfg.name} ({'redo' if overwrite else state}) → {p.dir}", flush=True)
         if state == "done":
             continue
-        if state == "partial":
+        if state == "partial" and main:
             print(f"{p.dir} holds the files of a run stopped before its first checkpoint; starting it again")
         try:
             vqvae.train(p.cfg, resume=state == "interrupted", overwrite=overwrite or state == "partial")
@@ -206,9 +207,7 @@ def read_study(study_dir) -> list[dict]:
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise vqvae.VQVAEError(f"no study directory {study_dir}")
-    order = []
-    if (study_dir / "sweep.json").is_file():
-        order = [r["name"] for r in json.loads((study_dir / "sweep.json").read_text())["runs"]]
+    order = list(sweep_runs(study_dir))
     records = []
     for run_dir in sorted(d for d in study_dir.iterdir() if (d / "config.yaml").is_file()):
         cfg = vqvae.read_yaml(run_dir / "config.yaml")
@@ -231,26 +230,23 @@ def mean_std(values: list) -> tuple[float, float]:
     return mean, std
 
 
-def run_settings(study_dir: Path, run: str) -> str:
-    """What the sweep file set for this run beyond the base, as 'key=value' pairs."""
+def sweep_runs(study_dir: Path) -> dict:
+    """The runs of the study's sweep.json, by name and in the sweep's order ({} without one)."""
     sweep = study_dir / "sweep.json"
-    if not sweep.is_file():
-        return ""
-    runs = {r["name"]: r for r in json.loads(sweep.read_text())["runs"]}
-    return " ".join(f"{k}={v}" for k, v in runs.get(run, {}).items() if k != "name")
+    return {r["name"]: r for r in json.loads(sweep.read_text())["runs"]} if sweep.is_file() else {}
 
 
 def summary_rows(study_dir) -> list[dict]:
     """One row per run of the study: settings, number of finished seeds, and each metric's mean
     and std over those seeds (an unfinished run has seeds 0 and empty metrics)."""
     study_dir = Path(study_dir)
-    records = read_study(study_dir)
+    records, runs = read_study(study_dir), sweep_runs(study_dir)
     rows = []
     for run in dict.fromkeys(r["run"] for r in records):
         finished = [r["final"] for r in records if r["run"] == run and r["final"] is not None]
         first = next(r for r in records if r["run"] == run)
-        row = {"run": run, "quantizer": first["config"]["quantizer"], "settings": run_settings(study_dir, run),
-               "seeds": len(finished)}
+        settings = " ".join(f"{k}={v}" for k, v in runs.get(run, {}).items() if k != "name")  # beyond the base
+        row = {"run": run, "quantizer": first["config"]["quantizer"], "settings": settings, "seeds": len(finished)}
         for key in METRICS:
             values = [f[key] for f in finished if f.get(key) is not None]
             row[key], row[f"{key}_std"] = mean_std(values) if values else (math.nan, math.nan)
@@ -287,13 +283,14 @@ def summarize(study_dir) -> list[dict]:
     """Write <study_dir>/experiment_results.csv and results.md; returns the rows."""
     study_dir = Path(study_dir)
     rows = summary_rows(study_dir)
-    with open(study_dir / "experiment_results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (study_dir / "experiment_results.csv.tmp").replace(study_dir / "experiment_results.csv")
-    vqvae.atomic_write_bytes(study_dir / "results.md", results_markdown(rows, f"Study {study_dir.name}").encode())
-    print(results_markdown(rows, f"Study {study_dir.name}"))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    vqvae.atomic_write_bytes(study_dir / "experiment_results.csv", table.getvalue().encode())
+    markdown = results_markdown(rows, f"Study {study_dir.name}")
+    vqvae.atomic_write_bytes(study_dir / "results.md", markdown.encode())
+    print(markdown)
     print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
     return rows
 

@@ -657,14 +657,17 @@ class Quantizer(nn.Module):
             self.embed_sum.copy_(self.codebook)
 
     @torch.no_grad()
-    def ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+    def ema_update(self, counts: torch.Tensor, sums: torch.Tensor, z: torch.Tensor) -> None:
         """counts (K,): mass assigned to each code in the (global) batch; sums (K, D): the encoder
-        outputs summed with those weights. Codes become EMA(sums) / Laplace-smoothed EMA(counts)."""
+        outputs z (N, D) summed with those weights. Codes become EMA(sums) / Laplace-smoothed
+        EMA(counts); then, with a dead_code_threshold, dead codes are re-seeded from z."""
         self.cluster_size.lerp_(counts, 1 - self.ema_decay)
         self.embed_sum.lerp_(sums, 1 - self.ema_decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        if self.dead_code_threshold > 0:
+            self.reseed_dead_codes(z)
 
     @torch.no_grad()
     def reseed_dead_codes(self, z: torch.Tensor) -> None:
@@ -715,9 +718,7 @@ class VQEMA(Quantizer):
                 ones = torch.ones_like(idx, dtype=z.dtype)
                 counts = torch.zeros(self.codebook_size, device=z.device).index_add_(0, idx, ones)
                 sums = torch.zeros_like(self.codebook).index_add_(0, idx, z.detach())
-                self.ema_update(all_reduce_(counts), all_reduce_(sums))          # global-batch statistics
-                if self.dead_code_threshold > 0:
-                    self.reseed_dead_codes(z.detach())
+                self.ema_update(all_reduce_(counts), all_reduce_(sums), z.detach())  # global-batch statistics
                 if self.grad_estimator == "rotation":
                     z_q = rotate_to(z, z_q)
                 else:
@@ -865,9 +866,7 @@ class BAVQ(Quantizer):
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
             if self.ema:
-                self.ema_update(Q.detach() * (z.shape[0] * world()[1]), sums)  # global counts, global sums
-                if self.dead_code_threshold > 0:
-                    self.reseed_dead_codes(z.detach())
+                self.ema_update(Q.detach() * (z.shape[0] * world()[1]), sums, z.detach())  # global counts and sums
             else:
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
             if self.prior_mode == "running":
@@ -1030,12 +1029,12 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _read_checkpoint(path: Path):
-    """The checkpoint's contents, or None when the file is missing, truncated or corrupt."""
+def _read_checkpoint(path: Path) -> tuple[Optional[dict], str]:
+    """(the checkpoint's contents, "") or, when the file is missing, truncated or corrupt, (None, why)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
+        return torch.load(path, map_location="cpu", weights_only=False), ""
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def checkpoint_paths(run_dir: Path) -> list:
@@ -1046,17 +1045,11 @@ def checkpoint_paths(run_dir: Path) -> list:
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint, or a one-line error naming the file and the newest readable checkpoint beside it."""
-    state = _read_checkpoint(path)
+    state, reason = _read_checkpoint(path)
     if state is not None:
         return state
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    else:
-        reason = "empty"
     good = next(((p, s) for p in checkpoint_paths(path.parent) if p != path and p.is_file()
-                 for s in [_read_checkpoint(p)] if s is not None and "optimizer" in s), None)
+                 for s in [_read_checkpoint(p)[0]] if s is not None and "optimizer" in s), None)
     hint = (f"; the newest readable checkpoint is {good[0]} (step {good[1]['step']}): copy it to "
             f"{path.parent / 'last.pt'} to resume from there" if good else "; no other readable checkpoint in that directory")
     raise VQVAEError(f"cannot read checkpoint {path} ({reason}){hint}")
@@ -1102,12 +1095,12 @@ class History:
             self.file.close()
 
 
-def _record_step(line: str):
-    """The step of one history line, or None for a line torn by a kill mid-write."""
+def _record_step(line: str) -> float:
+    """The step of one history line; inf for a line torn by a kill mid-write (dropped on resume)."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return None
+        return math.inf
 
 
 def truncate_history(path: Path, last_step: int) -> None:
@@ -1115,7 +1108,7 @@ def truncate_history(path: Path, last_step: int) -> None:
     (and a last line torn by a kill)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
-                if line and (_record_step(line) is not None and _record_step(line) <= last_step)]
+                if line and _record_step(line) <= last_step]
         atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
@@ -1551,15 +1544,14 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
                 val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
                 history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
                 say(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
-                           f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, "
-                           f"usage {val['usage_rate']:.3f}")
+                    f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, "
+                    f"usage {val['usage_rate']:.3f}")
                 save(run_dir / "last.pt", step_time)
                 if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
                     save(run_dir / f"checkpoint_epoch{epoch + 1}.pt", step_time)
                 signum = agreed_signal(signals, True)
                 if signum:
                     raise stopped(signum)
-        pbar.close()
         if val is None:  # resumed a run that had already finished its steps
             val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
         wall = time_before + time.perf_counter() - t_start
