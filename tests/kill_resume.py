@@ -1,6 +1,6 @@
 """Kill a real training process at chosen steps, resume it, and compare with an uninterrupted run.
 
-    python tests/kill_resume.py --kills 8 --out /tmp/kill_resume      # 8 kill points, SIGKILL and SIGINT
+    python tests/kill_resume.py --kills 8      # 8 kill points, SIGKILL and SIGINT, runs in a new temp dir
 
 Each trial starts `train.py` on a small synthetic run (saving last.pt every 3 steps), waits until
 its history shows the chosen step, sends SIGKILL or SIGINT, then runs `train.py --resume` until the
@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,11 +88,11 @@ def run_trials(out: Path, kills: list) -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=8, help="number of kill points (alternating SIGKILL / SIGINT)")
-    parser.add_argument("--out", default="/tmp/kill_resume", help="directory for the runs (must not exist)")
+    parser.add_argument("--out", help="directory for the runs, which must not exist yet (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the kill steps")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True)
+    out = Path(args.out or tempfile.mkdtemp(prefix="kill_resume_"))
+    out.mkdir(parents=True, exist_ok=args.out is None)
     rng = random.Random(args.seed)
     kills = [(("vq_ema", "ba_vq")[i % 4 // 2], rng.randrange(4, TOTAL_STEPS - 1),
               (signal.SIGKILL, signal.SIGINT)[i % 2]) for i in range(args.kills)]
