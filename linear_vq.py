@@ -567,7 +567,7 @@ def run_experiment(name: str, cfg: LinearConfig, seeds, out: Path) -> dict:
     elapsed = time.perf_counter() - start
     record = {"experiment": name, "config": dataclasses.asdict(cfg), "seeds": list(seeds),
               "seconds": round(elapsed, 2), "torch": torch.__version__, "numpy": np.__version__, **result}
-    vqvae.atomic_write_bytes(out / f"{name}.json", json.dumps(to_json(record), indent=1).encode())
+    vqvae.atomic_write_bytes(out / f"{name}.json", json.dumps(to_json(record), separators=(",", ":")).encode())
     fig = plot(result, cfg)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
