@@ -156,11 +156,11 @@ def kmeans_pp(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of z (n, m), each drawn with probability
     ∝ squared distance to the nearest one already chosen → (k, m)."""
     centers = [z[rng.integers(len(z))]]
-    min_d = ((z - centers[0]) ** 2).sum(1)
+    min_d = ((z - centers[0]) ** 2).sum(1, dtype=np.float64)  # float64: the draw needs Σp = 1 closely
     for _ in range(1, k):
         p = min_d / min_d.sum() if min_d.sum() > 0 else np.full(len(z), 1 / len(z))
         centers.append(z[rng.choice(len(z), p=p)])
-        min_d = np.minimum(min_d, ((z - centers[-1]) ** 2).sum(1))
+        min_d = np.minimum(min_d, ((z - centers[-1]) ** 2).sum(1, dtype=np.float64))
     return np.stack(centers)
 
 
@@ -306,7 +306,7 @@ def pca_lloyd(cfg: LinearConfig, data: dict, seed: int) -> dict:
     bias, and the data has mean zero), then k-means++ and Lloyd on all training projections."""
     rng = np.random.default_rng([seed, 1])
     x = data["x_train"]
-    eigvals, eigvecs = np.linalg.eigh(x.T @ x / len(x))                                  # ascending
+    _, eigvecs = np.linalg.eigh(x.T @ x / len(x))                                        # ascending
     w = eigvecs[:, ::-1][:, :cfg.latent_dim].copy()
     z = x @ w
     codebook = lloyd(z, kmeans_pp(z, cfg.codebook_size, rng), cfg.lloyd_iters)
@@ -364,8 +364,9 @@ def summarize_runs(finals: list) -> dict:
 # Experiments: each returns a JSON-able dict and draws its figure
 # ---------------------------------------------------------------------------------------------
 
-K_VALUES = (8, 16, 32, 64)
-COMMITMENT_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+# the config key each sweep experiment varies, and its values
+SWEEPS = {"kscale": ("codebook_size", (8, 16, 32, 64)),
+          "commitment": ("commitment_weight", (0.0, 0.1, 0.25, 0.5, 1.0))}
 
 
 def relative_gap(a: np.ndarray, b: np.ndarray) -> float:
@@ -422,12 +423,24 @@ def convergence(cfg: LinearConfig, seeds) -> dict:
     return {"steps": steps, "table": table, "curves": curves, "references": references(cfg)}
 
 
-def sweep(cfg: LinearConfig, seeds, key: str, values, methods) -> dict:
-    """{value: {method: mean/std of the final metrics over seeds}} with cfg.<key> set to each value,
-    plus the reference points of each value's config."""
-    data, rows = make_data(cfg), {}
+def sweep_configs(name: str, cfg: LinearConfig) -> list:
+    """[(value, config)] of sweep experiment `name`, each checked (so bad values stop before any work)."""
+    key, values = SWEEPS[name]
+    configs = []
     for value in values:
-        run_cfg = validate(dataclasses.replace(cfg, **{key: value}))
+        try:
+            configs.append((value, validate(dataclasses.replace(cfg, **{key: value}))))
+        except VQVAEError as e:
+            raise VQVAEError(f"{name} with {key} = {value}: {e}") from None
+    return configs
+
+
+def sweep(name: str, cfg: LinearConfig, seeds, methods) -> dict:
+    """{value: {method: mean/std of the final metrics over seeds}} for each config of the sweep,
+    plus the reference points of each."""
+    data, rows = make_data(cfg), {}
+    key, values = SWEEPS[name]
+    for value, run_cfg in sweep_configs(name, cfg):
         rows[str(value)] = {method: summarize_runs([fit(method, run_cfg, data, seed)["final"] for seed in seeds])
                             for method in methods}
         rows[str(value)]["references"] = references(run_cfg)
@@ -435,14 +448,15 @@ def sweep(cfg: LinearConfig, seeds, key: str, values, methods) -> dict:
 
 
 def kscale(cfg: LinearConfig, seeds) -> dict:
-    return sweep(cfg, seeds, "codebook_size", K_VALUES, METHODS)
+    return sweep("kscale", cfg, seeds, METHODS)
 
 
 def commitment(cfg: LinearConfig, seeds) -> dict:
     """The commitment weight β; PCA + Lloyd-Max has no β and is run once as the reference; manual STE is
     autograd STE's twin (verify) and is left out."""
-    result = sweep(cfg, seeds, "commitment_weight", COMMITMENT_WEIGHTS, ("autograd_ste", "rotation"))
-    result["pca_lloyd"] = summarize_runs([pca_lloyd(cfg, make_data(cfg), seed)["final"] for seed in seeds])
+    result = sweep("commitment", cfg, seeds, ("autograd_ste", "rotation"))
+    data = make_data(cfg)
+    result["pca_lloyd"] = summarize_runs([pca_lloyd(cfg, data, seed)["final"] for seed in seeds])
     return result
 
 
@@ -620,6 +634,9 @@ def main(argv=None) -> int:
             raise VQVAEError(f"--seeds must be ≥ 1, got {args.seeds}")
         cfg = validate(LinearConfig(**{k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}))
         names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+        for name in names:
+            if name in SWEEPS:
+                sweep_configs(name, cfg)
         out = Path(args.out)
         existing = [out / f"{n}.{ext}" for n in names for ext in ("json", "png") if (out / f"{n}.{ext}").exists()]
         if existing and not args.overwrite:

@@ -229,6 +229,7 @@ def test_cli_all_writes_every_figure_and_refuses_to_overwrite(tmp_path, capsys):
     (["verify", "--seeds", "0"], "--seeds must be ≥ 1"),
     (["verify", "--noise_var", "-1"], "noise_var must be a finite number ≥ 0"),
     (["verify", "--codebook_size", "2048"], "must not exceed batch_size"),
+    (["all", "--batch_size", "32"], "kscale with codebook_size = 64: k-means++ seeds the codebook from one batch"),
 ])
 def test_cli_refuses_bad_input_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "never"
