@@ -7,8 +7,9 @@ Data X = A·Y + W: A (D, m) orthonormal columns (the planted subspace), Y ~ N(0,
 geometrically decaying spectrum λ, noise W ~ N(0, σ²·I). Model: encoder W_e (D, m) with orthonormal
 columns, z = W_eᵀ·x, the nearest of K codes c_k ∈ R^m, decoder tied to the encoder, x̂ = W_e·c_k.
 Why tied: with orthonormal W_e the error splits exactly into ‖x − W_e·W_eᵀ·x‖² (what the subspace
-misses) + ‖z − c_k‖² (what the codebook misses), and W_e·c is the best linear decoder of a code in
-that subspace; a learned decoder would change what is being compared, not how it is trained.
+misses) + ‖z − c_k‖² (what the codebook misses), so PCA's subspace with a Lloyd codebook inside it is
+the reference every method is measured against, and the methods differ only in how they train; a
+learned decoder would add parameters this comparison does not need.
 
 Methods: PCA + Lloyd-Max (no gradients); autograd STE (PyTorch); manual STE (the same loss with
 gradients derived by hand, NumPy only); the rotation estimator (PyTorch, `vqvae.rotate_to`).
@@ -278,7 +279,7 @@ def gaussian_rd_bound(variances, rate_nats: float) -> float:
     lo, hi = math.log(v.max()) - 2 * rate_nats, math.log(v.max())                # log θ bracket
     for _ in range(200):
         mid = (lo + hi) / 2
-        rate = np.maximum(0.0, 0.5 * (np.log(v) - mid)).sum()
+        rate = np.maximum(0.0, 0.5 * (np.log(v[v > 0]) - mid)).sum()
         lo, hi = (mid, hi) if rate > rate_nats else (lo, mid)
     return float(np.minimum(math.exp((lo + hi) / 2), v).sum())
 
