@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,15 +35,11 @@ import numpy as np
 import torch
 
 import vqvae
-from vqvae import VQVAEError
+from vqvae import VQVAEError, _opt
 
 # ---------------------------------------------------------------------------------------------
 # Config: every default lives here, once; command-line flags override it.
 # ---------------------------------------------------------------------------------------------
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -264,11 +260,11 @@ def evaluate(w: np.ndarray, codebook: np.ndarray, x: np.ndarray, basis: np.ndarr
     K = len(codebook)
     idx = nearest(x @ w, codebook)
     mse = float(((codebook[idx] @ w.T - x) ** 2).sum(1).mean())
-    p = np.bincount(idx, minlength=K) / len(idx)
-    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    codes = vqvae.codebook_metrics(torch.from_numpy(np.bincount(idx, minlength=K)))
+    entropy = math.log(codes["perplexity"])
     gap = float(1 - ((basis.T @ w) ** 2).sum() / w.shape[1])
     return {"mse": mse, "entropy": entropy, "entropy_ratio": entropy / math.log(K) if K > 1 else 1.0,
-            "dead_codes": int((p == 0).sum()), "subspace_gap": gap}
+            "dead_codes": codes["dead_codes"], "subspace_gap": gap}
 
 
 def gaussian_rd_bound(variances, rate_nats: float) -> float:
@@ -320,7 +316,8 @@ def fit(method: str, cfg: LinearConfig, data: dict, seed: int, steps: Optional[i
     with 'step'] every eval_every steps (and at 0), 'losses': training losses of the last step}.
     Gradient methods start from a random orthonormal W_e and a k-means++ codebook on the first batch's
     projections; the same seed gives every method the same start and the same batches.
-    on_step(step, w, codebook, x_batch) is called before each update (verify uses it)."""
+    on_step(step, w, codebook, x_batch, grad_w, grad_codebook) sees each step's gradients before the update
+    (verify uses it)."""
     if method == "pca_lloyd":
         return pca_lloyd(cfg, data, seed)
     grads = GRADIENTS[method]
@@ -335,9 +332,9 @@ def fit(method: str, cfg: LinearConfig, data: dict, seed: int, steps: Optional[i
     losses, idx = {}, first
     for step in range(1, steps + 1):
         x = x_train[idx]
-        if on_step is not None:
-            on_step(step, w, codebook, x)
         losses, grad_w, grad_codebook = grads(w, codebook, x, cfg)
+        if on_step is not None:
+            on_step(step, w, codebook, x, grad_w, grad_codebook)
         w = retract(w - cfg.lr_encoder * grad_w)
         codebook = codebook - cfg.lr_codebook * grad_codebook
         if eval_every and step % eval_every == 0:
@@ -384,8 +381,7 @@ def verify(cfg: LinearConfig, seeds) -> dict:
     for seed in seeds:
         grad_gaps = []
 
-        def compare(step, w, codebook, x):
-            _, gw_m, gc_m = manual_grads(w, codebook, x, cfg)
+        def compare(step, w, codebook, x, gw_m, gc_m):  # the manual run's gradients against autograd's
             _, gw_a, gc_a = autograd_grads(w, codebook, x, cfg)
             grad_gaps.append(max(relative_gap(gw_a, gw_m), relative_gap(gc_a, gc_m)))
 
@@ -621,16 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:
-            word = unknown[0]
-            flags = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
-            hint = ""
-            if word.startswith("--"):
-                hint = vqvae.nearest_name(word[2:].split("=")[0], flags).replace("'", "'--", 1)
-            raise VQVAEError(f"unknown option '{word}'{hint}; see python linear_vq.py --help")
+        args = vqvae.parse_flags(build_parser(), argv, "linear_vq.py")
         if args.seeds < 1:
             raise VQVAEError(f"--seeds must be ≥ 1, got {args.seeds}")
         cfg = validate(LinearConfig(**{k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}))

@@ -43,15 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     """argparse's namespace, with unknown options reported as VQVAEError naming the nearest flag."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
-        word = unknown[0]
-        name = word[2:].split("=")[0] if word.startswith("--") else word
-        hint = vqvae.nearest_name(name, flags).replace("'", "'--", 1) if word.startswith("--") else ""
-        raise vqvae.VQVAEError(f"unknown option '{word}'{hint}; see python train.py --help")
-    return args
+    return vqvae.parse_flags(build_parser(), argv, "train.py")
 
 
 def config_flags(args) -> dict:

@@ -60,6 +60,18 @@ def nearest_name(name: str, choices) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def parse_flags(parser, argv, program: str):
+    """parser.parse_known_args(argv)'s namespace; an unknown option is a VQVAEError naming the nearest flag."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
+        word = unknown[0]
+        name = word[2:].split("=")[0] if word.startswith("--") else word
+        hint = nearest_name(name, flags).replace("'", "'--", 1) if word.startswith("--") else ""
+        raise VQVAEError(f"unknown option '{word}'{hint}; see python {program} --help")
+    return args
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
