@@ -35,9 +35,10 @@ import vqvae
 SWEEP_KEYS = ("study", "base", "runs")
 # Keys that change how a run is carried out or logged, not its results: a finished run whose saved
 # config differs from the sweep only in these still counts as that run.
-RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "eval_batch_size", "log_every", "checkpoint_freq",
+RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "log_every", "checkpoint_freq",
                 "channels_last", "compile", "wandb", "wandb_project", "wandb_group")
-METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "beta", "train_time_s")
+METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
+           "usage_batch", "beta", "train_time_s")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 
 
@@ -86,14 +87,22 @@ def read_sweep(path) -> tuple[str, dict, list]:
     return study, base, runs
 
 
-def plan_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1) -> tuple[Path, list[PlannedRun]]:
-    """The study directory and every run's resolved config, checked before any run starts."""
+def plan_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1,
+               only: list | None = None) -> tuple[Path, list[PlannedRun]]:
+    """The study directory and every run's resolved config, checked before any run starts. With
+    `only` (run names), just those runs of the sweep."""
     if seeds < 1:
         raise vqvae.VQVAEError(f"--seeds must be ≥ 1, got {seeds}")
     flags = dict(flags or {})
     if "name" in flags:
         raise vqvae.VQVAEError("--name cannot be given with --sweep: each run takes its name from the sweep file")
     study, base, runs = read_sweep(path)
+    if only:
+        names = [r["name"] for r in runs]
+        for name in only:
+            if name not in names:
+                raise vqvae.VQVAEError(f"--runs: {path} has no run '{name}'{vqvae.nearest_name(name, names)}")
+        runs = [r for r in runs if r["name"] in only]
     planned = []
     for run in runs:
         cfg = vqvae.Config()
@@ -146,10 +155,12 @@ def check_existing(planned: list[PlannedRun]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, overwrite: bool = False) -> list[dict]:
+def run_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1, overwrite: bool = False,
+              only: list | None = None) -> list[dict]:
     """Run every planned run in order (skipping finished ones, resuming interrupted ones), then
-    write the study's summary. Returns the summary rows."""
-    study_dir, planned = plan_sweep(path, yaml_path, flags, seeds)
+    write the study's summary. Returns the summary rows. With `only`, just those runs (the
+    study's plan in sweep.json still lists them all)."""
+    study_dir, planned = plan_sweep(path, yaml_path, flags, seeds, only)
     if not overwrite:
         check_existing(planned)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -263,17 +274,22 @@ def _fmt(value: float, std: float, digits: int, scale: float = 1.0) -> str:
 
 def results_markdown(rows: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
-             "psnr: [0,1] pixels, whole validation set, hard codes; psnr_legacy = 10·log10(1/MSE) on [−1,1] "
-             "tensors (the published convention, psnr − 6.02 dB); perplexity, usage and dead codes from the "
-             "histogram of all validation codes. Mean ± sample std over seeds where there are several.", "",
+             "Dataset level (ours): psnr in [0,1] pixels over the whole validation set (psnr_legacy = the same "
+             "error as 10·log10(1/MSE) on [−1,1] tensors, psnr − 6.02 dB); perplexity, usage and dead codes from "
+             "the histogram of all validation codes. Batch level (the published study's convention): psnr_batch "
+             "([0,1] pixels), perplexity_batch and usage_batch computed per validation batch of eval_batch_size "
+             "and averaged over the full batches. Hard codes throughout. Mean ± sample std over seeds where "
+             "there are several.", "",
              "| # | run | settings | seeds | psnr (dB) | psnr_legacy (dB) | perplexity | usage (%) | dead codes "
-             "| final β | train time (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| psnr_batch (dB) | perplexity_batch | usage_batch (%) | final β | train time (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         cells = [str(i), r["run"], r["settings"].replace("|", "/") or r["quantizer"], str(r["seeds"]),
                  _fmt(r["psnr"], r["psnr_std"], 2), _fmt(r["psnr_legacy"], r["psnr_legacy_std"], 2),
                  _fmt(r["perplexity"], r["perplexity_std"], 1), _fmt(r["usage_rate"], r["usage_rate_std"], 1, 100),
-                 _fmt(r["dead_codes"], r["dead_codes_std"], 0), _fmt(r["beta"], r["beta_std"], 2),
+                 _fmt(r["dead_codes"], r["dead_codes_std"], 0), _fmt(r["psnr_batch"], r["psnr_batch_std"], 2),
+                 _fmt(r["perplexity_batch"], r["perplexity_batch_std"], 1),
+                 _fmt(r["usage_batch"], r["usage_batch_std"], 1, 100), _fmt(r["beta"], r["beta_std"], 2),
                  _fmt(r["train_time_s"], r["train_time_s_std"], 1, 1 / 60)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

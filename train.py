@@ -14,7 +14,7 @@ import sys
 import study
 import vqvae
 
-RUN_FLAGS = ("config", "resume", "overwrite", "sweep", "seeds", "summarize")
+RUN_FLAGS = ("config", "resume", "overwrite", "sweep", "seeds", "runs", "summarize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in order, skipping finished runs and resuming interrupted ones; other flags override every run")
     parser.add_argument("--seeds", metavar="N", type=int, default=1, help="with --sweep: repeat each run with N seeds "
                         "(seed, seed+1, ...)")
+    parser.add_argument("--runs", metavar="NAMES", help="with --sweep: only these runs of the sweep file, as "
+                        "comma-separated names (e.g. --runs baseline,ba_iters1 --seeds 3 adds seeds to two runs)")
     parser.add_argument("--summarize", metavar="STUDY_DIR", help="write experiment_results.csv and results.md for a "
                         "study directory (e.g. experiments/ba_study) and exit")
     for f in dataclasses.fields(vqvae.Config):
@@ -72,10 +74,11 @@ def main(argv=None) -> int:
         elif args.sweep:
             if args.resume:
                 raise vqvae.VQVAEError("--resume is not needed with --sweep: interrupted runs of a study resume by themselves")
-            study.run_sweep(args.sweep, args.config, config_flags(args), args.seeds, args.overwrite)
+            only = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
+            study.run_sweep(args.sweep, args.config, config_flags(args), args.seeds, args.overwrite, only)
         else:
-            if args.seeds != 1:
-                raise vqvae.VQVAEError("--seeds goes with --sweep; for one run, set --seed")
+            if args.seeds != 1 or args.runs:
+                raise vqvae.VQVAEError("--seeds and --runs go with --sweep; for one run, set --seed")
             cfg, resume, overwrite = parse(argv)
             vqvae.train(cfg, resume=resume, overwrite=overwrite)
     except vqvae.RunStopped as e:

@@ -168,22 +168,26 @@ def _opt(default, help: str):
 
 
 CHOICES = {
-    "arch": ("small", "resnet"),
+    "arch": ("small", "resnet", "sonnet"),
     "quantizer": ("vq_ema", "ba_vq"),
     "dataset": ("cifar10", "folder", "synthetic"),
     "precision": ("fp32", "bf16"),
-    "codebook_init": ("kmeans", "uniform"),
+    "codebook_init": ("kmeans", "uniform", "kmeans_val"),
     "beta_schedule": ("step", "epoch"),
     "ba_prior": ("uniform", "running"),
-    "ba_codebook_update": ("grad", "ema"),
+    "ba_codebook_update": ("grad", "ema", "grad_ema"),
+    "ba_eval": ("prior", "batch"),
     "ba_output": ("hard", "soft"),
     "grad_estimator": ("ste", "rotation"),
+    "augment": ("none", "crop_flip"),
+    "pixel_range": ("signed", "unit"),
 }
 
 # Architecture presets: values for n_hid / latent_dim when the config leaves them empty.
 ARCH_PRESETS = {
     "small": {"n_hid": 64, "latent_dim": 64},
     "resnet": {"n_hid": 128, "latent_dim": 256},
+    "sonnet": {"n_hid": 64, "latent_dim": 64},
 }
 
 
@@ -199,15 +203,23 @@ class Config:
     dataset: str = _opt("cifar10", "cifar10 (torchvision, downloads), folder (train/ and test/ image folders) or synthetic")
     data_dir: str = _opt("data", "where cifar10 is downloaded to or found, or the image folder's root")
     synthetic_size: int = _opt(4096, "synthetic dataset: number of training images (test set: a quarter of it)")
+    pixel_range: str = _opt("signed", "images as the model sees and reconstructs them: signed ([−1, 1]) or unit "
+                                      "([0, 1], the published study's; the reconstruction loss is then 4× smaller)")
+    augment: str = _opt("none", "training augmentation: none, or crop_flip (random 32×32 crop of the image "
+                                "reflect-padded by 4, then a random left–right flip; the published study's)")
     # --- model
-    arch: str = _opt("small", "encoder/decoder preset: small (the BA study's model) or resnet (DeepMind-style)")
+    arch: str = _opt("small", "encoder/decoder preset: small (the BA study write-up's model, ≈215k parameters), "
+                              "resnet (wide, with residual blocks) or sonnet (the model the published BA study's "
+                              "code trained: DeepMind's sonnet VQ-VAE example, bottleneck residual blocks, ≈667k)")
     n_hid: Optional[int] = _opt(None, "hidden channels of the first conv (empty: 64 for small, 128 for resnet)")
     latent_dim: Optional[int] = _opt(None, "code dimension D (empty: 64 for small, 256 for resnet)")
     # --- quantizer, both kinds
     quantizer: str = _opt("vq_ema", "vq_ema (nearest code, EMA codebook) or ba_vq (Blahut–Arimoto soft assignments)")
     codebook_size: int = _opt(512, "number of codes K")
     commitment_weight: float = _opt(0.25, "weight of ‖z_e − sg(z_q)‖² pulling encoder outputs to their codes")
-    codebook_init: str = _opt("kmeans", "kmeans (k-means++ then Lloyd on encoder outputs) or uniform (±1/K)")
+    codebook_init: str = _opt("kmeans", "kmeans (k-means++ then Lloyd on encoder outputs of random training images), "
+                                        "uniform (±1/K), or kmeans_val (the same on the first validation batch: what "
+                                        "the published baseline did by accident; for the published sweep only)")
     kmeans_iters: int = _opt(10, "Lloyd iterations after k-means++ seeding")
     ema_decay: float = _opt(0.99, "decay of the EMA codebook statistics (vq_ema; ba_vq with ba_codebook_update ema)")
     ema_eps: float = _opt(1e-5, "Laplace smoothing of the EMA cluster sizes")
@@ -225,13 +237,22 @@ class Config:
     ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
     entropy_weight: float = _opt(0.01, "weight of −H(Q), rewarding a spread-out code marginal")
     codebook_weight: float = _opt(1.0, "weight of ‖sg(z_e) − z_q‖² moving codes (ba_codebook_update grad)")
-    ba_codebook_update: str = _opt("grad", "codes move by gradient (grad) or by an EMA of soft-weighted encoder outputs (ema)")
+    ba_codebook_update: str = _opt("grad", "codes move by gradient (grad), by an EMA of soft-weighted encoder outputs "
+                                           "(ema), or by both (grad_ema: gradient, and each step c ← d·c + (1−d)·Σp·e / "
+                                           "max(Σp, 1e-6) with d = ema_decay, the published layer's)")
+    ba_grad_through_iters: bool = _opt(False, "backpropagate through every E/M iteration (the published layer) instead "
+                                              "of only the last E-step; keeps ba_iters − 1 N×K matrices for backward")
+    ba_eval: str = _opt("prior", "code at evaluation: prior (argmax log Q − β·d with Q the uniform or running prior; "
+                                 "uniform gives the nearest code) or batch (the training assignment: ba_iters − 1 E/M "
+                                 "iterations on each validation batch first, as the published study; codes then "
+                                 "depend on the other images of the batch and on eval_batch_size)")
     ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient) or soft (Σ p·c)")
     # --- training
     epochs: int = _opt(10, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); the β schedule spans the shortened run")
     batch_size: int = _opt(128, "training batch size; under torchrun the global batch, split evenly among the processes")
-    eval_batch_size: int = _opt(500, "validation batch size (does not change the metrics)")
+    eval_batch_size: int = _opt(128, "validation batch size: the batch of the published-convention metrics "
+                                     "(psnr_batch, perplexity_batch, usage_batch); dataset-level metrics do not depend on it")
     lr: float = _opt(3e-4, "AdamW learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     log_every: int = _opt(50, "log batch metrics every N steps (the only steps that synchronise the device)")
@@ -248,7 +269,8 @@ class Config:
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(Config))
 # Keys whose change makes a checkpoint mean something else: refused on --resume.
-STRUCTURAL_KEYS = ("arch", "n_hid", "latent_dim", "quantizer", "codebook_size", "dataset", "ba_codebook_update")
+STRUCTURAL_KEYS = ("arch", "n_hid", "latent_dim", "quantizer", "codebook_size", "dataset", "ba_codebook_update",
+                   "pixel_range")
 
 
 def _field_type(f: dataclasses.Field):
@@ -489,20 +511,48 @@ def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
 
 
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], on the device, per batch; the memory layout is kept."""
+def normalize(x_uint8: torch.Tensor, pixel_range: str = "signed") -> torch.Tensor:
+    """uint8 [0, 255] → float [−1, 1] (signed) or [0, 1] (unit), on the device, per batch; the memory
+    layout is kept."""
+    if pixel_range == "unit":
+        return x_uint8.float().div_(255.0)
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
+def to_unit_range(x: torch.Tensor, pixel_range: str) -> torch.Tensor:
+    """Model-range images → [0, 1] pixels."""
+    return x if pixel_range == "unit" else (x + 1) / 2
+
+
 def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int, channels_last: bool = True,
-              shard: tuple = (0, 1)):
-    """Batch i of an epoch's permutation, as float [−1, 1] (B, 3, 32, 32) in the model's layout.
+              shard: tuple = (0, 1), pixel_range: str = "signed"):
+    """Batch i of an epoch's permutation, as float (B, 3, 32, 32) in the model's range and layout.
     shard (rank, processes): this process's contiguous share of the global batch."""
     rank, n = shard
     local = batch_size // n
     start = i * batch_size + rank * local
-    x = normalize(x_uint8[perm[start:start + local]])
+    x = normalize(x_uint8[perm[start:start + local]], pixel_range)
     return x if channels_last else x.contiguous()
+
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, shard: tuple = (0, 1), pad: int = 4) -> torch.Tensor:
+    """Training augmentation (augment: crop_flip): each image of x (B, C, H, W) cropped back to H×W
+    at a random offset from its copy reflect-padded by `pad`, then flipped left–right with
+    probability ½ — torchvision's RandomCrop(padding, reflect) + RandomHorizontalFlip, done for the
+    whole batch on the device. The draws come from `generator` for the whole global batch
+    (shard: rank, processes), so a run is the same whatever the number of processes and resumes
+    bitwise once the generator's state is restored."""
+    rank, n = shard
+    B, C, H, W = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, n * B, 1), generator=generator, device=x.device)[:, rank * B:(rank + 1) * B]
+    flip = (torch.rand(n * B, 1, generator=generator, device=x.device) < 0.5)[rank * B:(rank + 1) * B]
+    rows = offsets[0] + torch.arange(H, device=x.device)                                 # (B, H)
+    cols = offsets[1] + torch.arange(W, device=x.device)                                 # (B, W)
+    cols = torch.where(flip, cols.flip(1), cols)                     # a flipped image reads its columns backwards
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")                              # (B, C, H+2p, W+2p)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)       # (B, C, H, W), NHWC memory
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()  # x's memory layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +572,19 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True)
 
 
+class BottleneckBlock(nn.Module):
+    """x → relu(x + conv1×1(relu(conv3×3(x)))), the 3×3 conv narrowed to a quarter of the channels
+    (the residual block of DeepMind's sonnet VQ-VAE example)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels // 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True)
+
+
 def make_encoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
     """(B, 3, 32, 32) → z_e (B, latent_dim, 8, 8). ReLUs work in place (a convolution's backward
     needs its input, not its output), which saves a pass over each activation."""
@@ -529,6 +592,13 @@ def make_encoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),          # (B, n_hid, 16, 16)
             nn.Conv2d(n_hid, 2 * n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),  # (B, 2n_hid, 8, 8)
+            nn.Conv2d(2 * n_hid, latent_dim, 1))
+    if arch == "sonnet":  # the published study's model: 1×1 projection from 2·n_hid channels to the codes
+        return nn.Sequential(
+            nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),          # (B, n_hid, 16, 16)
+            nn.Conv2d(n_hid, 2 * n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),  # (B, 2n_hid, 8, 8)
+            nn.Conv2d(2 * n_hid, 2 * n_hid, 3, padding=1), nn.ReLU(inplace=True),
+            BottleneckBlock(2 * n_hid), BottleneckBlock(2 * n_hid),
             nn.Conv2d(2 * n_hid, latent_dim, 1))
     return nn.Sequential(
         nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),
@@ -544,6 +614,13 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
             nn.Conv2d(latent_dim, n_hid, 1),
             nn.ConvTranspose2d(n_hid, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),  # (B, n_hid, 16, 16)
             nn.ConvTranspose2d(n_hid, 3, 4, stride=2, padding=1))                            # (B, 3, 32, 32)
+    if arch == "sonnet":  # a 1×1 conv on the codes, then the sonnet decoder
+        return nn.Sequential(
+            nn.Conv2d(latent_dim, latent_dim, 1),
+            nn.Conv2d(latent_dim, 2 * n_hid, 3, padding=1), nn.ReLU(inplace=True),
+            BottleneckBlock(2 * n_hid), BottleneckBlock(2 * n_hid),
+            nn.ConvTranspose2d(2 * n_hid, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),  # (B, n_hid, 16, 16)
+            nn.ConvTranspose2d(n_hid, 3, 4, stride=2, padding=1))                                # (B, 3, 32, 32)
     return nn.Sequential(
         nn.Conv2d(latent_dim, 2 * n_hid, 3, padding=1),
         ResidualBlock(2 * n_hid), ResidualBlock(2 * n_hid),
@@ -563,6 +640,7 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 # The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most KEEP_ELEMENTS
 # entries (64 MiB) and recomputes it chunk by chunk when it is larger.
 CHUNK_ELEMENTS = 2**19
+PRIOR_FLOOR = 1e-20  # smallest running-prior share a code keeps (its log stays finite)
 GPU_CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_ROWS = 32
 KEEP_ELEMENTS = 2**24
@@ -746,7 +824,7 @@ def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: 
 
 class BAEStep(torch.autograd.Function):
     """The last BA E-step and its uses, in row chunks: z (N, D), codebook (K, D), log_q (K,) a
-    constant prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
+    prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
     soft-weighted sums Σ_n p(k|e_n)·e_n (K, D) for an EMA codebook (else an empty tensor).
     Data-parallel, Q and the sums are over the global batch; backward divides g_Q by the local N,
     which after DDP's gradient averaging is the global batch's gradient.
@@ -756,7 +834,7 @@ class BAEStep(torch.autograd.Function):
     p is kept for backward when N·K ≤ KEEP_ELEMENTS and recomputed chunk by chunk (one more matmul)
     otherwise, so no N×K matrix is ever whole for large K. With a = dL/dp = g_zq·Cᵀ + g_Q/N and
     G = dL/dlogits = p ⊙ (a − Σ_k p·a):
-      dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G."""
+      dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G,   dL/dlog Q = Σ_n G."""
 
     @staticmethod
     def forward(ctx, z, codebook, log_q, beta: float, hard: bool, sums: bool):
@@ -806,7 +884,8 @@ class BAEStep(torch.autograd.Function):
             g_logit_sum += G.sum(0)
         g_z.mul_(2 * beta)
         g_c.addcmul_(codebook, g_logit_sum.unsqueeze(1), value=-2 * beta)
-        return g_z, g_c, None, None, None, None
+        g_log_q = g_logit_sum if ctx.needs_input_grad[2] else None  # logits = log Q(k) + …: dL/dlog Q = Σ_n G
+        return g_z, g_c, g_log_q, None, None, None
 
 
 class BAVQ(Quantizer):
@@ -817,9 +896,10 @@ class BAVQ(Quantizer):
     ‖sg(z_e) − z_q‖², and −H(Q) rewarding a spread-out marginal.
 
     Gradients: E/M iterations before the last run without autograd (Q is a fixed prior for the
-    last E-step, as in EM); the last E-step is BAEStep, which works in row chunks, so memory is
-    O(chunk × K) whatever N and ba_iters are. At evaluation the code is the hard
-    argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code)."""
+    last E-step, as in EM), or with it (ba_grad_through_iters); the last E-step is BAEStep, which
+    works in row chunks, so memory is O(chunk × K) whatever N is. At evaluation the code is the
+    hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code), or, with ba_eval
+    batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps,
@@ -828,6 +908,8 @@ class BAVQ(Quantizer):
         self.ba_iters, self.prior_mode, self.prior_decay = cfg.ba_iters, cfg.ba_prior, cfg.ba_prior_decay
         self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
         self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
+        self.centroid_ema = cfg.ba_codebook_update == "grad_ema"
+        self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
 
     def get_extra_state(self):
@@ -837,23 +919,25 @@ class BAVQ(Quantizer):
         self.beta = state["beta"]
 
     def log_prior(self) -> torch.Tensor:
-        """log Q at the start of each forward, (K,)."""
+        """log Q at the start of each forward, (K,). The running prior is floored at PRIOR_FLOOR, so
+        a code whose share underflowed keeps a finite log Q and can come back."""
         if self.prior_mode == "running":
-            return self.prior.log()
+            return self.prior.clamp_min(PRIOR_FLOOR).log()
         return torch.full_like(self.prior, -math.log(self.codebook_size))
 
-    @torch.no_grad()
-    def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain:
-        log Q(k) = logsumexp_n log p(k|e_n) − log N, accumulated over row chunks."""
-        log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
-        for _ in range(self.ba_iters - 1):
-            log_mass = torch.full_like(log_q, -math.inf)                         # log Σ_n p(k|e_n)
-            for rows in row_chunks(z, codebook):
-                log_p = torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1)
-                torch.logaddexp(log_mass, torch.logsumexp(log_p, 0), out=log_mass)
-            log_q = all_reduce_logsumexp_(log_mass) - math.log(z.shape[0] * world()[1])  # global batch marginal
-        return log_q
+        log Q(k) = logsumexp_n log p(k|e_n) − log N, accumulated over row chunks. With grad, autograd
+        records the iterations (gradient through every E/M step), else they run without it."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
+            for _ in range(self.ba_iters - 1):
+                log_mass = torch.full_like(log_q, -math.inf)                     # log Σ_n p(k|e_n)
+                for rows in row_chunks(z, codebook):
+                    log_p = torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1)
+                    log_mass = torch.logaddexp(log_mass, torch.logsumexp(log_p, 0))
+                log_q = all_reduce_logsumexp_(log_mass) - math.log(z.shape[0] * world()[1])  # global batch marginal
+            return log_q
 
     def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
@@ -865,22 +949,30 @@ class BAVQ(Quantizer):
             z = flatten_latents(z_e).float()                                     # (N, D)
             shape = (z_e.shape[0], *z_e.shape[2:])
             if not self.training:
-                bias = self.log_prior() / self.beta if self.prior_mode == "running" else None
+                if self.eval_rule == "batch":     # argmax_k log Q_batch(k) − β·d = argmin_k d − log Q_batch(k) / β
+                    bias = self.prior_after_iterations(z, self.codebook) / self.beta
+                else:
+                    bias = self.log_prior() / self.beta if self.prior_mode == "running" else None
                 idx = nearest_code(z, self.codebook, bias)
                 z_q = F.embedding(idx, self.codebook)
                 losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q)}
                 return unflatten_latents(z_q, z_e), losses, idx.view(shape)
-            # with an EMA codebook, autograd must see a snapshot: ema_update changes the codebook in place
-            codebook = self.codebook.clone() if self.ema else self.codebook
-            log_q = self.prior_after_iterations(z, codebook)                     # (K,), no gradient
-            z_q, Q, idx, sums = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard", self.ema)
+            # with an EMA codebook, autograd must see a snapshot: the EMA changes the codebook in place
+            codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
+            log_q = self.prior_after_iterations(z, codebook, grad=self.grad_through_iters)  # (K,)
+            z_q, Q, idx, sums = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard",
+                                              self.ema or self.centroid_ema)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
+            mass = Q.detach() * (z.shape[0] * world()[1])                       # (K,) global soft counts
             if self.ema:
-                self.ema_update(Q.detach() * (z.shape[0] * world()[1]), sums, z.detach())  # global counts and sums
+                self.ema_update(mass, sums, z.detach())
             else:
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
+            if self.centroid_ema:  # on top of the gradient: a direct step toward each code's soft centroid
+                with torch.no_grad():
+                    self.codebook.lerp_(sums / mass.clamp_min(1e-6).unsqueeze(1), 1 - self.ema_decay)
             if self.prior_mode == "running":
                 with torch.no_grad():
                     self.prior.lerp_(Q, 1 - self.prior_decay)
@@ -913,9 +1005,10 @@ class VQVAE(nn.Module):
         self.encoder = make_encoder(cfg.arch, cfg.n_hid, cfg.latent_dim)
         self.quantizer = make_quantizer(cfg)
         self.decoder = make_decoder(cfg.arch, cfg.n_hid, cfg.latent_dim)
+        self.pixel_range = cfg.pixel_range  # what normalize() must give this model
 
     def forward(self, x):
-        """x (B, 3, 32, 32) in [−1, 1] → x_hat, {loss name: scalar}, indices (B, 8, 8)."""
+        """x (B, 3, 32, 32) in the model's pixel range → x_hat, {loss name: scalar}, indices (B, 8, 8)."""
         z_e = self.encoder(x)
         z_q, losses, idx = self.quantizer(z_e)
         x_hat = self.decoder(z_q)
@@ -983,8 +1076,8 @@ def codebook_metrics(counts: torch.Tensor) -> dict:
 
 
 def psnr(mse: float, peak: float = 1.0) -> float:
-    """10·log10(peak² / mse) in dB."""
-    return 10 * math.log10(peak**2 / mse)
+    """10·log10(peak² / mse) in dB; inf for a perfect reconstruction."""
+    return 10 * math.log10(peak**2 / mse) if mse > 0 else math.inf
 
 
 def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
@@ -993,6 +1086,19 @@ def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
     which is psnr − 20·log10(2) ≈ psnr − 6.02 dB."""
     mse_pm1 = sse_pm1 / n_values
     return {"mse": mse_pm1 / 4, "psnr": psnr(mse_pm1 / 4), "psnr_legacy": psnr(mse_pm1)}
+
+
+def batch_average_metrics(sse_pm1: torch.Tensor, counts: torch.Tensor, values_per_batch: int) -> dict:
+    """The published study's convention: each metric computed per validation batch, then averaged
+    over the batches. sse_pm1 (n,): summed squared error of each batch's [−1, 1] tensors; counts
+    (n, K): each batch's code histogram. Returns sums over the n batches (psnr_batch in [0, 1]
+    pixels, perplexity_batch, usage_batch) and n, for the caller to add up across processes and
+    divide. A batch mean of PSNR is not the PSNR of the mean error: by Jensen it is higher."""
+    mse = sse_pm1.double() / values_per_batch / 4                                   # (n,) in [0, 1] pixels
+    p = counts.double() / counts.sum(1, keepdim=True)                               # (n, K)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(1)           # (n,) nats
+    return {"psnr_batch": (-10 * mse.log10()).sum(), "perplexity_batch": entropy.exp().sum(),
+            "usage_batch": (counts > 0).double().mean(1).sum(), "batches": torch.tensor(float(len(mse)))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1223,10 +1329,10 @@ def save_recon_grid(model: VQVAE, x_uint8: torch.Tensor, path: Path, n: int = 8)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        x = normalize(x_uint8[:n])
+        x = normalize(x_uint8[:n], model.pixel_range)
         x_hat = model(x)[0].float()
     model.train(was_training)
-    grid = make_grid(torch.cat([x, x_hat]).add(1).div(2).clamp(0, 1), nrow=x.shape[0], padding=2)
+    grid = make_grid(to_unit_range(torch.cat([x, x_hat]), model.pixel_range).clamp(0, 1), nrow=x.shape[0], padding=2)
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -1308,38 +1414,57 @@ class StopSignals:
 
 @torch.no_grad()
 def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32", counts_out: list = None) -> dict:
-    """Validation over the whole set with the hard code: mse/psnr/psnr_legacy from the summed
-    squared error, and codebook metrics from the histogram of all codes (not per-batch averages).
+    """Validation over the whole set with the hard code. Dataset-level (ours): mse/psnr/psnr_legacy
+    from the summed squared error, codebook metrics from the histogram of all codes. Batch-level
+    (the published study's convention): psnr_batch, perplexity_batch, usage_batch, each the mean
+    over the full batches of batch_size (a last, smaller batch is left out, as drop_last does).
     Data-parallel, each process passes its share of the set and the sums are added up across
-    processes. With a list as counts_out, the histogram (K,) is appended to it."""
+    processes (batches are then drawn from each process's share). With a list as counts_out, the
+    histogram (K,) is appended to it."""
     was_training = model.training
     model.eval()
     device = x_uint8.device
     K = model.quantizer.codebook_size
-    sse, counts = torch.zeros((), dtype=torch.float64, device=device), torch.zeros(K, dtype=torch.long, device=device)
+    batch_sse, batch_counts = [], []  # per full batch, kept on the device until the end
+    to_signed = 4.0 if model.pixel_range == "unit" else 1.0  # squared error on [0, 1] → on [−1, 1]
     for start in range(0, len(x_uint8), batch_size):
-        x = normalize(x_uint8[start:start + batch_size])
+        x = normalize(x_uint8[start:start + batch_size], model.pixel_range)
         with autocast_for(device, precision):
             x_hat, _, idx = model(x)
-        sse += (x_hat.float() - x).pow(2).sum().double()
-        counts += code_histogram(idx, K)
+        batch_sse.append((x_hat.float() - x).pow(2).sum().double() * to_signed)  # as if on [−1, 1]
+        batch_counts.append(code_histogram(idx, K))
     model.train(was_training)
+    sse, counts = torch.stack(batch_sse).sum(), torch.stack(batch_counts).sum(0)
     n_values = all_reduce_(torch.tensor(x_uint8.numel(), dtype=torch.float64, device=device))
     metrics = reconstruction_metrics(all_reduce_(sse).item(), int(n_values.item()))
     all_reduce_(counts)
     if counts_out is not None:
         counts_out.append(counts.cpu())
+    full = len(x_uint8) // batch_size
+    per_batch = batch_average_metrics(torch.stack(batch_sse[:full] or [sse.new_zeros(())])[:full],
+                                      torch.stack(batch_counts[:full] or [counts.new_zeros(K)])[:full],
+                                      batch_size * x_uint8[0].numel())
+    names = list(per_batch)
+    sums = all_reduce_(torch.stack([per_batch[n].to(device, torch.float64) for n in names])).tolist()
+    n_batches = sums[names.index("batches")]
+    metrics |= {n: v / n_batches if n_batches else math.nan for n, v in zip(names, sums) if n != "batches"}
     return metrics | codebook_metrics(counts.cpu())
 
 
 @torch.no_grad()
-def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, generator: torch.Generator):
-    """k-means on encoder outputs of enough random training batches to hold at least 4·K vectors."""
+def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, generator: torch.Generator,
+                            x_val: Optional[torch.Tensor] = None):
+    """k-means on encoder outputs of enough random training batches to hold at least 4·K vectors;
+    with codebook_init kmeans_val, of the first validation batches in order instead."""
     K = cfg.codebook_size
-    picks = torch.randperm(len(x_train), generator=generator, device=generator.device).to(x_train.device)
+    if cfg.codebook_init == "kmeans_val":
+        images, picks = x_val, torch.arange(len(x_val), device=x_val.device)
+    else:
+        images = x_train
+        picks = torch.randperm(len(x_train), generator=generator, device=generator.device).to(x_train.device)
     vectors, have = [], 0
-    for start in range(0, len(x_train), cfg.batch_size):
-        z_e = model.encoder(normalize(x_train[picks[start:start + cfg.batch_size]]))
+    for start in range(0, len(images), cfg.batch_size):
+        z_e = model.encoder(normalize(images[picks[start:start + cfg.batch_size]], cfg.pixel_range))
         vectors.append(flatten_latents(z_e).float())
         have += vectors[-1].shape[0]
         if have >= 4 * K:
@@ -1347,12 +1472,13 @@ def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, ge
     model.quantizer.init_codebook(torch.cat(vectors), cfg.kmeans_iters, generator)
 
 
-def check_sizes(cfg: Config, n_train: int, latents_per_image: int) -> None:
+def check_sizes(cfg: Config, n_train: int, latents_per_image: int, n_val: Optional[int] = None) -> None:
     if cfg.batch_size > n_train:
         raise VQVAEError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
-    if cfg.codebook_init == "kmeans" and n_train * latents_per_image < cfg.codebook_size:
-        raise VQVAEError(f"codebook_init kmeans needs at least K={cfg.codebook_size} encoder vectors, but the "
-                         f"training set gives {n_train * latents_per_image}; use fewer codes or --codebook_init uniform")
+    source, n = ("validation", n_val) if cfg.codebook_init == "kmeans_val" else ("training", n_train)
+    if cfg.codebook_init != "uniform" and n is not None and n * latents_per_image < cfg.codebook_size:
+        raise VQVAEError(f"codebook_init {cfg.codebook_init} needs at least K={cfg.codebook_size} encoder vectors, "
+                         f"but the {source} set gives {n * latents_per_image}; use fewer codes or --codebook_init uniform")
 
 
 def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor, K: int, beta):
@@ -1420,6 +1546,9 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
         cfg = dataclasses.replace(cfg, name=name[0])
     if cfg.batch_size % n_proc:
         raise VQVAEError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly among {n_proc} processes")
+    if n_proc > 1 and cfg.quantizer == "ba_vq" and (cfg.ba_grad_through_iters or cfg.ba_eval == "batch"):
+        raise VQVAEError("ba_grad_through_iters and ba_eval batch run in one process only (their batch marginals "
+                         "are not made data-parallel); launch without torchrun")
     run_dir = prepare_run_dir(cfg, resume, overwrite) if main else run_dir_of(cfg)
     checkpoint = None
     if resume:
@@ -1430,7 +1559,7 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
             raise VQVAEError("cannot resume with a different " + ", ".join(
                 f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
     train_np, test_np = load_dataset(cfg)
-    check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2)
+    check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2, len(test_np))
     say(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
     say(f"device {device}" + (f" × {n_proc} processes" if n_proc > 1 else "") +
         f", {len(train_np)} training and {len(test_np)} validation images")
@@ -1440,6 +1569,7 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
     random.seed(cfg.seed)
     x_train, x_test = to_device_uint8(train_np, device), to_device_uint8(test_np, device)
     data_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # data order
+    augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # crops and flips (seed + 1: k-means)
     model = build_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(x_train) // cfg.batch_size
@@ -1458,6 +1588,8 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, step_time, time_before = checkpoint["step"], checkpoint["train_step_time_s"], checkpoint["train_time_s"]
         data_gen.set_state(checkpoint["data_gen_state"])
+        if "augment_gen_state" in checkpoint:
+            augment_gen.set_state(checkpoint["augment_gen_state"])
         epoch_gen_state = checkpoint["epoch_gen_state"]
         set_rng_states(checkpoint["rng"], device)
         wandb_id = checkpoint.get("wandb_id", wandb_id)
@@ -1466,10 +1598,10 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
         last_good = (run_dir / "last.pt", step)
         say(f"resuming {run_dir} at step {step} of {total_steps}")
     else:
-        if cfg.codebook_init == "kmeans":
+        if cfg.codebook_init in ("kmeans", "kmeans_val"):
             t0 = time.perf_counter()
             kmeans_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-            init_codebook_from_data(model, x_train, cfg, kmeans_gen)
+            init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
             say(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
         if main:
             atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
@@ -1493,6 +1625,7 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
                      "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
+                     "augment_gen_state": augment_gen.get_state(),
                      "train_step_time_s": step_time_now, "train_time_s": time_before + time.perf_counter() - t_start,
                      "rng": rng_states(device), "wandb_id": wandb_id, "config": dataclasses.asdict(cfg)}
             try:
@@ -1532,7 +1665,9 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
                 last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
                 t0 = time.perf_counter()
                 for i in range(first, last):
-                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc))
+                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc), cfg.pixel_range)
+                    if cfg.augment == "crop_flip":
+                        x = augment_crop_flip(x, augment_gen, (rank, n_proc))
                     beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
                     if is_ba:
                         model.quantizer.beta = beta

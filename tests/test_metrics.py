@@ -59,3 +59,48 @@ def test_evaluate_is_dataset_level_not_batch_average():
     assert a["perplexity"] == pytest.approx(b["perplexity"])
     assert a["usage_rate"] == b["usage_rate"]
     assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-5)
+
+
+def test_batch_average_metrics_two_batches_hand_computed():
+    """The published convention averages per-batch values. Batch 1: [0, 1]-pixel MSE 0.01 (20 dB),
+    codes {0, 0, 1, 1} → perplexity 2, usage 2/4. Batch 2: MSE 0.001 (30 dB), codes {0, 1, 2, 3} →
+    perplexity 4, usage 1. Means: 25 dB, 3, 0.75 — while the pooled MSE 0.0055 gives 22.60 dB."""
+    values = 100                                      # values per batch
+    sse_pm1 = torch.tensor([0.01 * 4 * values, 0.001 * 4 * values])  # [−1, 1] error is 4× the [0, 1] one
+    counts = torch.tensor([[2, 2, 0, 0], [1, 1, 1, 1]])
+    m = vqvae.batch_average_metrics(sse_pm1, counts, values)
+    n = m["batches"].item()
+    assert n == 2
+    assert m["psnr_batch"].item() / n == pytest.approx(25.0)
+    assert m["perplexity_batch"].item() / n == pytest.approx(3.0)
+    assert m["usage_batch"].item() / n == pytest.approx(0.75)
+    pooled = vqvae.reconstruction_metrics(sse_pm1.sum().item(), 2 * values)["psnr"]
+    assert pooled == pytest.approx(10 * math.log10(1 / 0.0055))
+
+
+def test_psnr_of_a_perfect_reconstruction_is_inf():
+    assert vqvae.psnr(0.0) == math.inf
+
+
+def test_evaluate_batch_metrics_are_means_over_full_batches():
+    """psnr_batch / perplexity_batch / usage_batch equal the per-batch values computed by hand from
+    the model's own eval output, over the full batches only (40 images in batches of 16: two)."""
+    torch.manual_seed(0)
+    cfg = vqvae.load_config(overrides=dict(n_hid=8, latent_dim=4, codebook_size=16))
+    model = vqvae.VQVAE(cfg).eval()
+    x_u8 = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    got = vqvae.evaluate(model, x_u8, batch_size=16)
+    psnrs, ppls, usages = [], [], []
+    with torch.no_grad():
+        for start in (0, 16):
+            x = vqvae.normalize(x_u8[start:start + 16])
+            x_hat, _, idx = model(x)
+            mse01 = ((x_hat - x) / 2).pow(2).mean().item()
+            psnrs.append(-10 * math.log10(mse01))
+            counts = torch.bincount(idx.flatten(), minlength=16)
+            ppls.append(vqvae.perplexity(counts))
+            usages.append((counts > 0).float().mean().item())
+    assert got["psnr_batch"] == pytest.approx(sum(psnrs) / 2, rel=1e-5)
+    assert got["perplexity_batch"] == pytest.approx(sum(ppls) / 2, rel=1e-9)
+    assert got["usage_batch"] == pytest.approx(sum(usages) / 2)
+    assert got["perplexity_batch"] != pytest.approx(got["perplexity"])  # dataset-level differs

@@ -34,7 +34,8 @@ def test_killed_processes_resume_bitwise(tmp_path):
     assert all(t["bitwise_equal"] for t in trials), trials
 
 
-@pytest.mark.parametrize("quantizer,extra", [("vq_ema", {"dead_code_threshold": 2.0}), ("ba_vq", {"ba_prior": "running"})])
+@pytest.mark.parametrize("quantizer,extra", [("vq_ema", {"dead_code_threshold": 2.0}), ("ba_vq", {"ba_prior": "running"}),
+                                             ("vq_ema", {"augment": "crop_flip"})])
 def test_resume_from_a_mid_epoch_checkpoint_is_bitwise(tmp_path, monkeypatch, quantizer, extra):
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=2, save_every_steps=3, **extra)
     reference = vqvae.train(vqvae.dataclasses.replace(cfg, name="whole"))
