@@ -35,7 +35,11 @@ def test_killed_processes_resume_bitwise(tmp_path):
 
 
 @pytest.mark.parametrize("quantizer,extra", [("vq_ema", {"dead_code_threshold": 2.0}), ("ba_vq", {"ba_prior": "running"}),
-                                             ("vq_ema", {"augment": "crop_flip"})])
+                                             ("vq_ema", {"augment": "crop_flip"}),
+                                             ("ba_vq", {"augment": "crop_flip", "pixel_range": "unit", "ba_iters": 2,
+                                                        "ba_prior": "running", "ba_eval": "batch",
+                                                        "ba_codebook_update": "grad_ema",
+                                                        "ba_grad_through_iters": True})])
 def test_resume_from_a_mid_epoch_checkpoint_is_bitwise(tmp_path, monkeypatch, quantizer, extra):
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=2, save_every_steps=3, **extra)
     reference = vqvae.train(vqvae.dataclasses.replace(cfg, name="whole"))

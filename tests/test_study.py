@@ -186,3 +186,39 @@ def test_wandb_runs_of_a_study_share_its_group(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep(tmp_path, wandb=True, max_steps=1)
     assert [(kw["name"], kw["group"]) for kw in inits] == [("vq", "mini"), ("ba", "mini")]
+
+
+def test_runs_flag_plans_only_the_named_runs_and_names_a_misspelt_one(tmp_path):
+    path = write_sweep(tmp_path)
+    _, planned = study.plan_sweep(path, seeds=2, only=["ba"])
+    assert [(p.run, p.seed) for p in planned] == [("ba", 1337), ("ba", 1338)]
+    with pytest.raises(vqvae.VQVAEError, match="no run 'bax'.*did you mean 'ba'"):
+        study.plan_sweep(path, only=["bax"])
+    assert cli.main(["--runs", "ba"]) == 2                      # --runs goes with --sweep
+
+
+def test_shipped_published_sweep_is_the_published_recipe():
+    """sweeps/ba_study_published.yaml: the ten published runs plus the STE baseline, each with the
+    published code's settings; the BA loss weights are 0 because that code detached those terms."""
+    _, planned = study.plan_sweep(ROOT / "sweeps" / "ba_study_published.yaml")
+    assert [p.run for p in planned] == [
+        "baseline", "ba_default", "ba_exploratory", "ba_greedy", "ba_iters5", "ba_iters1", "ba_high_entropy",
+        "ba_low_entropy", "ba_high_commitment", "ba_balanced", "baseline_ste"]
+    for p in planned:
+        c = p.cfg
+        assert (c.arch, c.pixel_range, c.augment, c.codebook_size, c.latent_dim, c.batch_size, c.eval_batch_size,
+                c.epochs, c.lr, c.weight_decay, c.seed) == ("sonnet", "unit", "crop_flip", 512, 64, 128, 128, 10,
+                                                            3e-4, 1e-4, 1337)
+    ba = {p.run: p.cfg for p in planned if p.cfg.quantizer == "ba_vq"}
+    for c in ba.values():
+        assert (c.ba_prior, c.ba_prior_decay, c.ba_eval, c.ba_codebook_update, c.ba_grad_through_iters, c.ba_output,
+                c.beta_schedule, c.codebook_init) == ("running", 0.99, "batch", "grad_ema", True, "hard", "step", "kmeans")
+        assert c.commitment_weight == c.codebook_weight == c.entropy_weight == 0.0
+    assert {n: (c.beta_start, c.beta_end, c.ba_iters) for n, c in ba.items()} == {
+        "ba_default": (0.5, 3.0, 2), "ba_exploratory": (0.1, 2.0, 2), "ba_greedy": (1.0, 10.0, 2),
+        "ba_iters5": (0.5, 3.0, 5), "ba_iters1": (0.5, 3.0, 1), "ba_high_entropy": (0.5, 3.0, 2),
+        "ba_low_entropy": (0.5, 3.0, 2), "ba_high_commitment": (0.5, 3.0, 2), "ba_balanced": (0.3, 5.0, 3)}
+    vq = {p.run: (p.cfg.grad_estimator, p.cfg.commitment_weight, p.cfg.ema_decay, p.cfg.codebook_init,
+                  p.cfg.dead_code_threshold) for p in planned if p.cfg.quantizer == "vq_ema"}
+    assert vq == {"baseline": ("rotation", 0.25, 0.99, "kmeans_val", 0.0),
+                  "baseline_ste": ("ste", 0.25, 0.99, "kmeans_val", 0.0)}
