@@ -40,6 +40,14 @@ RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "log_every", "checkpoin
 METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
            "usage_batch", "beta", "train_time_s")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+# The published BA study's final numbers (EXPERIMENT_SUMMARY.md of its repository, commit b7d2839),
+# in its own convention: per-batch PSNR ([0, 1] pixels), perplexity and usage of validation batches
+# of 128, averaged. Compare them with psnr_batch, perplexity_batch and usage_batch only.
+PUBLISHED = {  # run: (psnr_batch dB, perplexity_batch, usage_batch)
+    "baseline": (22.34, 283.4, 0.963), "ba_default": (21.86, 54.7, 0.135), "ba_exploratory": (21.95, 100.2, 0.390),
+    "ba_greedy": (22.03, 61.7, 0.145), "ba_iters5": (20.33, 25.3, 0.073), "ba_iters1": (22.06, 108.7, 0.366),
+    "ba_high_entropy": (22.00, 107.4, 0.370), "ba_low_entropy": (22.16, 135.3, 0.474),
+    "ba_high_commitment": (21.88, 54.3, 0.153), "ba_balanced": (21.70, 41.9, 0.101)}
 
 
 @dataclasses.dataclass
