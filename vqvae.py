@@ -452,8 +452,8 @@ def load_image_folder(root: Path, split: str) -> np.ndarray:
     if not folder.is_dir():
         raise VQVAEError(
             f"image folder {folder} not found: --dataset folder needs --data_dir with train/ and test/ "
-            f"sub-folders of images (for the CIFAR-10 copy: tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp "
-            f"and --data_dir /tmp/cifar10-jpeg)")
+            f"sub-folders of images (for a CIFAR-10 copy as image files, e.g. cifar10-jpeg.tar.gz: tar xzf "
+            f"cifar10-jpeg.tar.gz -C /tmp and --data_dir /tmp/cifar10-jpeg), or use --dataset cifar10 to download it")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise VQVAEError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")

@@ -48,8 +48,9 @@ def test_folder_dataset_loads_converts_and_caches(tmp_path):
 
 def test_missing_folder_says_how_to_get_the_data(tmp_path):
     cfg = vqvae.load_config(overrides=dict(dataset="folder", data_dir=str(tmp_path / "nowhere")))
-    with pytest.raises(vqvae.VQVAEError, match="cifar10-jpeg.tar.gz"):
+    with pytest.raises(vqvae.VQVAEError, match="cifar10-jpeg.tar.gz") as error:
         vqvae.load_dataset(cfg)
+    assert "--dataset cifar10" in str(error.value) and "../" not in str(error.value)  # no path outside the project
 
 
 def test_empty_folder_is_refused(tmp_path):
