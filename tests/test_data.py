@@ -91,3 +91,19 @@ def test_cifar10_offline_error_names_the_options(tmp_path, monkeypatch):
     with pytest.raises(vqvae.VQVAEError) as e:
         vqvae.load_dataset(cfg)
     assert "--data_dir" in str(e.value) and "--dataset folder" in str(e.value) and "synthetic" in str(e.value)
+
+
+def test_folder_cache_is_rebuilt_when_a_file_changes(tmp_path):
+    """The decode cache is keyed by the files' names, sizes and modification times: an image
+    replaced by another one is read again, not served from the old cache."""
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        write_image(root / split / "cat" / "a.png")
+    cfg = vqvae.load_config(overrides=dict(dataset="folder", data_dir=str(root)))
+    before, _ = vqvae.load_dataset(cfg)
+    replacement = np.full((32, 32, 3), 7, dtype=np.uint8)
+    Image.fromarray(replacement).save(root / "train" / "cat" / "a.png")
+    after, _ = vqvae.load_dataset(cfg)
+    assert not np.array_equal(before, after) and np.array_equal(after[0], replacement)
+    write_image(root / "train" / "cat" / "b.png")                           # a new file
+    assert vqvae.load_dataset(cfg)[0].shape[0] == 2

@@ -119,7 +119,7 @@ def test_torchrun_launch_writes_one_results_directory(tmp_path):
 
 
 def test_global_batch_must_divide_among_processes(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(mp.ProcessRaisedException, match="batch_size 33 .* must divide evenly among 2 processes"):
         spawn(train_worker, TINY | {"batch_size": 33, "out_dir": str(tmp_path), "name": "r", "max_steps": 2})
 
 

@@ -247,11 +247,17 @@ def test_ba_hard_output_is_the_argmax_code_and_soft_is_the_expectation():
 
 
 def test_ba_hard_output_carries_the_soft_gradient():
+    """The hard output's gradient, to the encoder and to the codebook, is that of the soft output
+    Σ_k p(k|e)·c_k with p = softmax(−β·‖e − c‖²) (one iteration, uniform prior), by plain autograd."""
     q = ba(beta=0.7)
-    z_e = latents(requires_grad=True)
-    z_q, _, _ = q(z_e)
-    z_q.sum().backward()
-    assert z_e.grad.abs().sum() > 0 and q.codebook.grad.abs().sum() > 0
+    z_e, w = latents(requires_grad=True), latents()
+    (q(z_e)[0] * w).sum().backward()
+    z = vqvae.flatten_latents(z_e.detach()).double().requires_grad_()
+    c = q.codebook.detach().double().requires_grad_()
+    p = torch.softmax(-0.7 * ((z[:, None, :] - c[None, :, :]) ** 2).sum(-1), 1)
+    ((p @ c) * vqvae.flatten_latents(w).double()).sum().backward()
+    torch.testing.assert_close(vqvae.flatten_latents(z_e.grad).double(), z.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.codebook.grad.double(), c.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_ba_running_prior_is_an_ema_of_the_batch_marginal():
