@@ -1147,12 +1147,15 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _read_checkpoint(path: Path) -> tuple[Optional[dict], str]:
-    """(the checkpoint's contents, "") or, when the file is missing, truncated or corrupt, (None, why)."""
+def _read_checkpoint(path: Path, weights_only: bool = False) -> tuple[Optional[dict], str]:
+    """(the checkpoint's contents, "") or, when the file is missing, truncated or corrupt, (None, why).
+    A full checkpoint holds NumPy and Python RNG states, which only a full unpickle reads: this
+    project reads those only from its own run directories, to resume."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), ""
+        return torch.load(path, map_location="cpu", weights_only=weights_only), ""
     except Exception as e:
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else ""  # no terminal colours
+        return None, f"{type(e).__name__}: {first}"
 
 
 def checkpoint_paths(run_dir: Path) -> list:
@@ -1173,9 +1176,19 @@ def load_checkpoint(path: Path) -> dict:
     raise VQVAEError(f"cannot read checkpoint {path} ({reason}){hint}")
 
 
-def load_model(path, device="cpu") -> VQVAE:
-    """A trained model from final_model.pt (or any checkpoint), in eval mode."""
-    state = load_checkpoint(Path(path))
+def load_model(path, device="cpu", trusted: bool = False) -> VQVAE:
+    """A trained model from final_model.pt, in eval mode. The file is read weights-only (tensors,
+    numbers and strings; no code can run), so a model someone shared is safe to open. A full
+    checkpoint (last.pt) also holds RNG states that need a full unpickle: pass trusted=True for a
+    file you made yourself."""
+    path = Path(path)
+    if trusted:
+        state = load_checkpoint(path)
+    else:
+        state, reason = _read_checkpoint(path, weights_only=True)
+        if state is None:
+            raise VQVAEError(f"cannot read {path} weights-only ({reason}); if it is a full checkpoint you made "
+                             f"yourself, load it with load_model(path, trusted=True)")
     model = VQVAE(load_config(base=state["config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -173,3 +173,13 @@ def test_beta_follows_its_schedule_at_every_logged_step(tmp_path):
     for r in train:  # the record of step s was trained with β of step index s − 1
         assert r["beta"] == pytest.approx(vqvae.beta_at(r["step"] - 1, total, steps_per_epoch, cfg))
     assert train[0]["beta"] == pytest.approx(0.2) and train[-1]["beta"] == pytest.approx(4.0)
+
+
+def test_load_model_reads_weights_only_and_asks_before_unpickling_a_full_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2)
+    vqvae.train(cfg)
+    run = vqvae.run_dir_of(cfg)
+    assert isinstance(vqvae.load_model(run / "final_model.pt"), vqvae.VQVAE)      # weights-only suffices
+    with pytest.raises(vqvae.VQVAEError, match=r"weights-only .*trusted=True"):
+        vqvae.load_model(run / "last.pt")                                      # RNG states need a full unpickle
+    assert isinstance(vqvae.load_model(run / "last.pt", trusted=True), vqvae.VQVAE)
