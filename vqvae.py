@@ -255,7 +255,8 @@ class Config:
                                      "(psnr_batch, perplexity_batch, usage_batch); dataset-level metrics do not depend on it")
     lr: float = _opt(3e-4, "AdamW learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    log_every: int = _opt(50, "log batch metrics every N steps (the only steps that synchronise the device)")
+    log_every: int = _opt(50, "log batch metrics every N steps (with checkpoint steps, the only steps that read values "
+                                  "back from the device)")
     checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt, a full resumable checkpoint, every N epochs (0: only last.pt)")
     save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
     detect_anomaly: bool = _opt(False, "autograd anomaly detection, to find the operation that made a NaN (slow)")
@@ -380,6 +381,16 @@ def load_config(yaml_path=None, overrides: Optional[dict] = None, base: Optional
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command-line flags")
     return validate(cfg)
+
+
+def config_reference() -> str:
+    """Every config key as a Markdown table (key, default, meaning), from Config itself: the
+    README's key table is this text, and a test keeps it so."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        default = "empty" if f.default in ("", None) else f.default
+        rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help'].replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -1495,7 +1506,8 @@ def check_sizes(cfg: Config, n_train: int, latents_per_image: int, n_val: Option
 
 
 def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor, K: int, beta):
-    """The only place the training loop reads values back from the device."""
+    """Where the training loop reads the step's values back from the device (the other read is the
+    non-finite guard's one flag, on these steps and before a checkpoint is written)."""
     names = list(losses)
     values = (all_reduce_(torch.stack([losses[n].detach().float() for n in names])) / world()[1]).tolist()
     metrics = dict(zip(names, values)) | {"loss": sum(values)}
