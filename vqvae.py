@@ -246,6 +246,8 @@ class Config:
                                  "uniform gives the nearest code) or batch (the training assignment: ba_iters − 1 E/M "
                                  "iterations on each validation batch first, as the published study; codes then "
                                  "depend on the other images of the batch and on eval_batch_size)")
+    ba_fast_path: bool = _opt(True, "BA's last E-step by BAEStep, its hand-derived backward (faster, less memory); "
+                                    "false: by ba_e_step, the plain autograd definition (edit that one)")
     ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient) or soft (Σ p·c)")
     # --- training
     epochs: int = _opt(10, "training epochs")
@@ -833,8 +835,39 @@ def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: 
     return torch.addmm(log_q - beta * c2, z, codebook.t(), alpha=2 * beta)
 
 
+def ba_e_step(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float, hard: bool, sums: bool):
+    """The last BA E-step, written plainly: the definition, and the place to edit it.
+    p(k|e_n) = softmax_k(log Q(k) − β·‖z_n − c_k‖²) for z (N, D), codebook (K, D), log_q (K,) →
+    z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, Σ_n p(k|e_n)·z_n (K, D)
+    for an EMA codebook (else an empty tensor). z_q is Σ_k p(k|e)·c_k (soft), or the code c_idx with
+    the gradient of the soft one (hard). Autograd differentiates it; each row chunk runs under
+    torch.utils.checkpoint, so backward recomputes the chunk's p instead of keeping N×K of them.
+    Data-parallel, Q and the sums are over the global batch (Q's gradient flows through the local
+    rows, scaled so that DDP's averaging gives the global batch's gradient).
+    BAEStep below is the same computation with a hand-derived backward (faster, less memory); with
+    ba_fast_path: false this function is used instead, so an edit here needs no new derivative."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(z_rows, codebook, log_q):
+        logits = log_q - beta * squared_distances(z_rows, codebook)                 # (n, K)
+        p = torch.softmax(logits, dim=1)
+        return p @ codebook, p.sum(0), p.t() @ z_rows.detach(), logits.detach().argmax(1)
+
+    parts = [checkpoint(chunk, z[rows], codebook, log_q, use_reentrant=False) for rows in row_chunks(z, codebook)]
+    z_q_soft = torch.cat([part[0] for part in parts])
+    p_sum = torch.stack([part[1] for part in parts]).sum(0)                         # (K,) local soft counts
+    idx = torch.cat([part[3] for part in parts])
+    N = z.shape[0]
+    global_sum = all_reduce_(p_sum.detach().clone())
+    Q = p_sum / N + (global_sum / (N * world()[1]) - p_sum / N).detach()           # value: global; gradient: local / N
+    soft_sums = (all_reduce_(torch.stack([part[2] for part in parts]).sum(0)) if sums
+                 else codebook.new_empty(0))
+    z_q = z_q_soft + (codebook.detach()[idx] - z_q_soft).detach() if hard else z_q_soft
+    return z_q, Q, idx, soft_sums
+
+
 class BAEStep(torch.autograd.Function):
-    """The last BA E-step and its uses, in row chunks: z (N, D), codebook (K, D), log_q (K,) a
+    """The fast path of ba_e_step (same values and gradients, checked by the tests), in row chunks: z (N, D), codebook (K, D), log_q (K,) a
     prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
     soft-weighted sums Σ_n p(k|e_n)·e_n (K, D) for an EMA codebook (else an empty tensor).
     Data-parallel, Q and the sums are over the global batch; backward divides g_Q by the local N,
@@ -907,8 +940,9 @@ class BAVQ(Quantizer):
     ‖sg(z_e) − z_q‖², and −H(Q) rewarding a spread-out marginal.
 
     Gradients: E/M iterations before the last run without autograd (Q is a fixed prior for the
-    last E-step, as in EM), or with it (ba_grad_through_iters); the last E-step is BAEStep, which
-    works in row chunks, so memory is O(chunk × K) whatever N is. At evaluation the code is the
+    last E-step, as in EM), or with it (ba_grad_through_iters); the last E-step is ba_e_step (the
+    plain definition, ba_fast_path false) or BAEStep (its hand-derived backward), both in row
+    chunks, so memory is O(chunk × K) whatever N is. At evaluation the code is the
     hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code), or, with ba_eval
     batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training."""
 
@@ -921,6 +955,7 @@ class BAVQ(Quantizer):
         self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
         self.centroid_ema = cfg.ba_codebook_update == "grad_ema"
         self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
+        self.e_step = BAEStep.apply if cfg.ba_fast_path else ba_e_step
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
 
     def get_extra_state(self):
@@ -971,8 +1006,8 @@ class BAVQ(Quantizer):
             # with an EMA codebook, autograd must see a snapshot: the EMA changes the codebook in place
             codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
             log_q = self.prior_after_iterations(z, codebook, grad=self.grad_through_iters)  # (K,)
-            z_q, Q, idx, sums = BAEStep.apply(z, codebook, log_q, self.beta, self.output == "hard",
-                                              self.ema or self.centroid_ema)
+            z_q, Q, idx, sums = self.e_step(z, codebook, log_q, self.beta, self.output == "hard",
+                                            self.ema or self.centroid_ema)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}

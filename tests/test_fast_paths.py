@@ -49,6 +49,71 @@ def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p
     assert torch.allclose(codebook.grad, ref_grads[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 10_000])
+def test_ba_e_step_definition_equals_whole_matrix_autograd(monkeypatch, chunk_rows, hard):
+    """vqvae.ba_e_step (the editable definition, chunked under checkpoint) against the whole-matrix
+    computation above: values, codes, soft sums and every gradient, log Q's included."""
+    torch.manual_seed(3)
+    N, D, K, beta = 40, 5, 11, 0.9
+    set_chunk_rows(monkeypatch, chunk_rows, K)
+    z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(K, dtype=torch.float64), 0).requires_grad_()
+    g_zq, g_Q = torch.randn(N, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+    grads = []
+    for step in (reference_e_step, vqvae.ba_e_step):
+        z.grad = codebook.grad = log_q.grad = None
+        z_q, Q, idx = step(z, codebook, log_q, beta, hard, True)[:3] if step is vqvae.ba_e_step else \
+            step(z, codebook, log_q, beta, hard)
+        ((z_q * g_zq).sum() + (Q * g_Q).sum()).backward()
+        grads.append((z_q.detach(), Q.detach(), idx, z.grad.clone(), codebook.grad.clone(), log_q.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12)
+    sums = vqvae.ba_e_step(z, codebook, log_q, beta, hard, True)[3]
+    p = torch.softmax(log_q - beta * vqvae.squared_distances(z, codebook), dim=1).detach()
+    assert torch.allclose(sums, p.t() @ z.detach(), atol=1e-10)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("keep_p", [True, False])
+def test_ba_fast_path_equals_the_definition(monkeypatch, hard, keep_p):
+    """BAEStep (hand-derived backward) gives ba_e_step's values and gradients, log Q's included."""
+    torch.manual_seed(4)
+    N, D, K, beta = 64, 5, 13, 1.3
+    set_chunk_rows(monkeypatch, 7, K)
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K if keep_p else 0)
+    z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(K, dtype=torch.float64), 0).requires_grad_()
+    g_zq, g_Q = torch.randn(N, D, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+    results = []
+    for step in (vqvae.ba_e_step, vqvae.BAEStep.apply):
+        z.grad = codebook.grad = log_q.grad = None
+        z_q, Q, idx, sums = step(z, codebook, log_q, beta, hard, True)
+        ((z_q * g_zq).sum() + (Q * g_Q).sum()).backward()
+        results.append((z_q.detach(), Q.detach(), idx, sums, z.grad.clone(), codebook.grad.clone(), log_q.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12)
+
+
+def test_a_run_on_the_definition_matches_the_fast_path(tmp_path, monkeypatch):
+    """ba_fast_path: false trains through ba_e_step (an edit there takes effect) and, unedited,
+    gives the fast path's run up to float rounding."""
+    from conftest import tiny_config
+
+    calls = []
+    definition = vqvae.ba_e_step
+    monkeypatch.setattr(vqvae, "ba_e_step", lambda *args: calls.append(1) or definition(*args))
+    common = dict(quantizer="ba_vq", ba_iters=2, entropy_weight=0.1, max_steps=6)
+    fast = vqvae.train(tiny_config(tmp_path, name="fast", **common))
+    assert calls == []
+    plain = vqvae.train(tiny_config(tmp_path, name="plain", ba_fast_path=False, **common))
+    assert len(calls) == 6
+    for key in ("psnr", "psnr_batch", "perplexity", "usage_rate"):
+        assert plain[key] == pytest.approx(fast[key], rel=1e-4), key
+
+
 @pytest.mark.parametrize("keep_p", [True, False])
 def test_ba_e_step_passes_gradcheck(monkeypatch, keep_p):
     set_chunk_rows(monkeypatch, 4, 4)
