@@ -1574,6 +1574,274 @@ def start_distributed(cfg: Config) -> tuple[torch.device, bool]:
     return device, True
 
 
+class TrainState:
+    """What a run carries from step to step besides the model and the optimizer: the step, the time
+    spent, the data-order and augmentation generators, where the current epoch's permutation came
+    from, and the W&B run id. It saves into and restores from a checkpoint, so --resume continues
+    the run bitwise."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.step = 0
+        self.step_time = 0.0        # seconds inside training steps, over all sessions of the run
+        self.time_before = 0.0      # wall time of the run's earlier sessions
+        self.session_start = time.perf_counter()
+        self.data_gen = torch.Generator(device=device).manual_seed(cfg.seed)         # data order
+        self.augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # crops, flips (seed + 1: k-means)
+        self.epoch_gen_state = None  # data_gen's state when the current epoch drew its permutation
+        self.wandb_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.name)[:48]}-{os.urandom(4).hex()}"  # no RNG used
+        self.device = device
+
+    def wall_time(self) -> float:
+        return self.time_before + time.perf_counter() - self.session_start
+
+    def epoch_permutation(self, n_images: int, first_step: int) -> torch.Tensor:
+        """This epoch's order of the training images; resumed inside an epoch, the same one again."""
+        if first_step == 0:
+            self.epoch_gen_state = self.data_gen.get_state()
+        else:
+            self.data_gen.set_state(self.epoch_gen_state)
+        return torch.randperm(n_images, generator=self.data_gen, device=self.device)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "train_step_time_s": self.step_time, "train_time_s": self.wall_time(),
+                "data_gen_state": self.data_gen.get_state(), "augment_gen_state": self.augment_gen.get_state(),
+                "epoch_gen_state": self.epoch_gen_state, "rng": rng_states(self.device), "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.step_time, self.time_before = state["step"], state["train_step_time_s"], state["train_time_s"]
+        self.data_gen.set_state(state["data_gen_state"])
+        if "augment_gen_state" in state:  # checkpoints from before augmentation existed
+            self.augment_gen.set_state(state["augment_gen_state"])
+        self.epoch_gen_state = state["epoch_gen_state"]
+        set_rng_states(state["rng"], self.device)
+        self.wandb_id = state.get("wandb_id", self.wandb_id)
+
+
+class Checkpointer:
+    """Writes full checkpoints (model, optimizer, config and TrainState), only after the non-finite
+    guard has agreed that no step was bad, and remembers the newest good one for messages. On
+    every process (the guard's check is a collective); rank 0 alone writes."""
+
+    def __init__(self, run_dir: Path, cfg: Config, model: VQVAE, optimizer, state: TrainState, guard: FiniteGuard,
+                 steps_per_epoch: int, resumed: bool):
+        self.run_dir, self.cfg, self.model, self.optimizer, self.state, self.guard = run_dir, cfg, model, optimizer, state, guard
+        self.steps_per_epoch = steps_per_epoch
+        self.last_good = (run_dir / "last.pt", state.step) if resumed else None  # (path, step)
+
+    def note(self) -> str:
+        if self.last_good is None:
+            return "No checkpoint had been written yet."
+        return (f"The last good checkpoint is {self.last_good[0]} (step {self.last_good[1]}); "
+                f"resume with: {resume_command(self.cfg)}")
+
+    def save(self, name: str) -> None:
+        """Everything the rest of the run depends on; a failed write stops the run."""
+        self.guard.check(self.note())
+        path, step = self.run_dir / name, self.state.step
+        if world()[0] == 0:
+            checkpoint = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                          "config": dataclasses.asdict(self.cfg), "epoch": step // self.steps_per_epoch,
+                          "epoch_step": step % self.steps_per_epoch} | self.state.state_dict()
+            try:
+                atomic_torch_save(checkpoint, path)
+            except OSError as e:
+                raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train "
+                                 f"on without one. {self.note()}", 4) from None
+        if name == "last.pt":
+            self.last_good = (path, step)
+
+
+def agreed_signal(signals: StopSignals, ask: bool, device: torch.device) -> int:
+    """The signal that stops the run, or 0. Alone, read every step; data-parallel, agreed across
+    processes (a collective) only where `ask` is true, so all stop at the same step."""
+    if world()[1] == 1:
+        return signals.received or 0
+    if not ask:
+        return 0
+    return int(all_reduce_(torch.tensor(signals.received or 0, device=device), "max").item())
+
+
+def stopped_by(signum: int, step: int, cfg: Config) -> RunStopped:
+    return RunStopped(f"stopped by {signal.Signals(signum).name} at step {step}; last.pt holds that step. "
+                      f"Resume with: {resume_command(cfg)}", 128 + signum)
+
+
+def run_length(cfg: Config, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run."""
+    steps_per_epoch = n_train // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: TrainState, x_train, x_val,
+                  history: History, checkpoints: Checkpointer, pbar) -> tuple[dict, list]:
+    """Train until the last step, validating and checkpointing after every epoch. Returns the last
+    validation metrics and the validation code histograms. The epoch's last step is checkpointed
+    after its validation, so a resumed run never skips one."""
+    rank, n_proc = world()
+    steps_per_epoch, total_steps = run_length(cfg, len(x_train))
+    is_ba, device, guard = cfg.quantizer == "ba_vq", x_train.device, checkpoints.guard
+    val, counts = None, []
+    with StopSignals() as signals, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+        while state.step < total_steps:
+            epoch, first = divmod(state.step, steps_per_epoch)
+            perm = state.epoch_permutation(len(x_train), first)
+            last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            t0 = time.perf_counter()
+            for i in range(first, last):
+                x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc), cfg.pixel_range)
+                if cfg.augment == "crop_flip":
+                    x = augment_crop_flip(x, state.augment_gen, (rank, n_proc))
+                beta = beta_at(state.step, total_steps, steps_per_epoch, cfg) if is_ba else None
+                if is_ba:
+                    model.quantizer.beta = beta
+                losses, idx, grad_norm = train_step(net, optimizer, x, cfg.precision)
+                state.step += 1
+                guard.watch(state.step, losses, grad_norm)
+                pbar.update()
+                log_step = state.step % cfg.log_every == 0
+                if log_step:
+                    guard.check(checkpoints.note())
+                    log_train_step(history, pbar, state.step, epoch, losses, idx, cfg.codebook_size, beta)
+                signum = agreed_signal(signals, log_step, device)
+                if i + 1 < last and (signum or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0)):
+                    state.step_time, t0 = state.step_time + time.perf_counter() - t0, time.perf_counter()
+                    checkpoints.save("last.pt")
+                    if signum:
+                        raise stopped_by(signum, state.step, cfg)
+            sync(device)
+            state.step_time += time.perf_counter() - t0
+            guard.check(checkpoints.note())
+            val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+            history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+            report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
+            checkpoints.save("last.pt")
+            if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
+                checkpoints.save(f"checkpoint_epoch{epoch + 1}.pt")
+            signum = agreed_signal(signals, True, device)
+            if signum:
+                raise stopped_by(signum, state.step, cfg)
+    return val, counts
+
+
+def report_validation(val: dict, epoch: int, n_epochs: int, step: int) -> None:
+    if world()[0] == 0:
+        print(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB (batch mean "
+              f"{val['psnr_batch']:.2f}), perplexity {val['perplexity']:.1f}, usage {val['usage_rate']:.3f}")
+
+
+def open_run(cfg: Config, resume: bool, overwrite: bool) -> tuple[Config, Path, Optional[dict]]:
+    """The run's config (named, when it had no name), its directory, and the checkpoint to resume
+    from; refuses, before any work, what cannot run data-parallel and a resume that would change
+    what the checkpoint means."""
+    rank, n_proc = world()
+    if not cfg.name:
+        if resume:
+            raise VQVAEError("--resume needs the --name of the run to continue")
+        name = [f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}"]
+        if n_proc > 1:
+            dist.broadcast_object_list(name, src=0)  # rank 0's clock names the run
+        cfg = dataclasses.replace(cfg, name=name[0])
+    if cfg.batch_size % n_proc:
+        raise VQVAEError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly among {n_proc} processes")
+    if n_proc > 1 and cfg.quantizer == "ba_vq" and (cfg.ba_grad_through_iters or cfg.ba_eval == "batch"):
+        raise VQVAEError("ba_grad_through_iters and ba_eval batch run in one process only (their batch marginals "
+                         "are not made data-parallel); launch without torchrun")
+    run_dir = prepare_run_dir(cfg, resume, overwrite) if rank == 0 else run_dir_of(cfg)
+    if not resume:
+        return cfg, run_dir, None
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    saved = checkpoint["config"]
+    changed = [k for k in STRUCTURAL_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise VQVAEError("cannot resume with a different " + ", ".join(
+            f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
+    return cfg, run_dir, checkpoint
+
+
+def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, checkpoint: Optional[dict],
+                     x_train: torch.Tensor, x_test: torch.Tensor, run_dir: Path) -> None:
+    """Restore model, optimizer and TrainState from the checkpoint; or, for a new run, seed the
+    codebook by k-means and save the resolved config."""
+    main = world()[0] == 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.load_state_dict(checkpoint)
+        if main:
+            truncate_history(run_dir / "history.jsonl", state.step)
+            print(f"resuming {run_dir} at step {state.step}")
+        return
+    if cfg.codebook_init in ("kmeans", "kmeans_val"):
+        t0 = time.perf_counter()
+        kmeans_gen = torch.Generator(device=x_train.device).manual_seed(cfg.seed + 1)
+        init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
+        if main:
+            print(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
+    if main:
+        atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
+
+
+def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, counts: list, x_test: torch.Tensor,
+                  run_dir: Path, steps_per_epoch: int) -> dict:
+    """final_metrics.json, final_model.pt, code_counts.json and recon.png (rank 0); returns the metrics."""
+    final = dict(val)
+    if cfg.quantizer == "ba_vq":
+        final["beta"] = model.quantizer.beta
+    final |= {"epochs": state.step / steps_per_epoch, "steps": state.step, "train_time_s": state.wall_time(),
+              "train_images_per_s": state.step * cfg.batch_size / state.step_time if state.step_time else float("nan")}
+    if world()[0] == 0:
+        atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+        atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
+        atomic_write_bytes(run_dir / "code_counts.json",
+                           (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
+        save_recon_grid(model, x_test, run_dir / "recon.png")
+        print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
+              f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
+    return final
+
+
+def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> dict:
+    """One run on this process's device: set up, train (training_loop), write the results."""
+    from tqdm import tqdm
+
+    rank, n_proc = world()
+    cfg, run_dir, checkpoint = open_run(cfg, resume, overwrite)
+    train_np, test_np = load_dataset(cfg)
+    check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2, len(test_np))
+    if rank == 0:
+        print(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
+        print(f"device {device}" + (f" × {n_proc} processes" if n_proc > 1 else "") +
+              f", {len(train_np)} training and {len(test_np)} validation images")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    x_train, x_test = to_device_uint8(train_np, device), to_device_uint8(test_np, device)
+    state = TrainState(cfg, device)
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(model, cfg)
+    start_or_restore(cfg, model, optimizer, state, checkpoint, x_train, x_test, run_dir)
+    steps_per_epoch, total_steps = run_length(cfg, len(x_train))
+    net = data_parallel(model, device)
+    wandb_run = start_wandb(cfg, run_dir, resume, state.wandb_id) if rank == 0 else NoWandb()
+    history = History(run_dir / "history.jsonl" if rank == 0 else None, wandb_run)
+    checkpoints = Checkpointer(run_dir, cfg, model, optimizer, state, FiniteGuard(device), steps_per_epoch,
+                               checkpoint is not None)
+    pbar = tqdm(total=total_steps, initial=state.step, desc=cfg.name, dynamic_ncols=True, disable=rank != 0)
+    x_val = x_test[rank::n_proc]  # this process's share of the validation set
+    model.train()
+    state.session_start = time.perf_counter()
+    try:
+        val, counts = training_loop(cfg, model, net, optimizer, state, x_train, x_val, history, checkpoints, pbar)
+        if val is None:  # resumed a run that had already finished its steps
+            val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+        return write_results(cfg, model, state, val, counts, x_test, run_dir, steps_per_epoch)
+    finally:
+        pbar.close()
+        history.close()
+        wandb_run.finish()
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory.
     Stops with RunStopped (after keeping a checkpoint to resume from) on SIGINT/SIGTERM, on a
@@ -1589,195 +1857,3 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     finally:
         if joined:
             dist.destroy_process_group()
-
-
-def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> dict:
-    from tqdm import tqdm
-
-    rank, n_proc = world()
-    main = rank == 0
-    say = print if main else (lambda *args, **kwargs: None)
-    if not cfg.name:
-        if resume:
-            raise VQVAEError("--resume needs the --name of the run to continue")
-        name = [f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}"]
-        if n_proc > 1:
-            dist.broadcast_object_list(name, src=0)  # rank 0's clock names the run
-        cfg = dataclasses.replace(cfg, name=name[0])
-    if cfg.batch_size % n_proc:
-        raise VQVAEError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly among {n_proc} processes")
-    if n_proc > 1 and cfg.quantizer == "ba_vq" and (cfg.ba_grad_through_iters or cfg.ba_eval == "batch"):
-        raise VQVAEError("ba_grad_through_iters and ba_eval batch run in one process only (their batch marginals "
-                         "are not made data-parallel); launch without torchrun")
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if main else run_dir_of(cfg)
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(run_dir / "last.pt")
-        saved = checkpoint["config"]
-        changed = [k for k in STRUCTURAL_KEYS if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise VQVAEError("cannot resume with a different " + ", ".join(
-                f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
-    train_np, test_np = load_dataset(cfg)
-    check_sizes(cfg, len(train_np), (IMAGE_SIZE // 4) ** 2, len(test_np))
-    say(f"config ({run_dir}):\n" + "".join(f"  {line}\n" for line in config_to_yaml(cfg).splitlines()))
-    say(f"device {device}" + (f" × {n_proc} processes" if n_proc > 1 else "") +
-        f", {len(train_np)} training and {len(test_np)} validation images")
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    x_train, x_test = to_device_uint8(train_np, device), to_device_uint8(test_np, device)
-    data_gen = torch.Generator(device=device).manual_seed(cfg.seed)   # data order
-    augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # crops and flips (seed + 1: k-means)
-    model = build_model(cfg, device)
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = len(x_train) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    is_ba = cfg.quantizer == "ba_vq"
-
-    # step_time: seconds inside training steps; time_before: wall time of earlier sessions of this run
-    step, step_time, time_before, epoch_gen_state = 0, 0.0, 0.0, None
-    wandb_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.name)[:48]}-{os.urandom(4).hex()}"  # os entropy: no RNG used
-    last_good = None  # (path, step) of the newest checkpoint written or resumed from
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, step_time, time_before = checkpoint["step"], checkpoint["train_step_time_s"], checkpoint["train_time_s"]
-        data_gen.set_state(checkpoint["data_gen_state"])
-        if "augment_gen_state" in checkpoint:
-            augment_gen.set_state(checkpoint["augment_gen_state"])
-        epoch_gen_state = checkpoint["epoch_gen_state"]
-        set_rng_states(checkpoint["rng"], device)
-        wandb_id = checkpoint.get("wandb_id", wandb_id)
-        if main:
-            truncate_history(run_dir / "history.jsonl", step)
-        last_good = (run_dir / "last.pt", step)
-        say(f"resuming {run_dir} at step {step} of {total_steps}")
-    else:
-        if cfg.codebook_init in ("kmeans", "kmeans_val"):
-            t0 = time.perf_counter()
-            kmeans_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-            init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
-            say(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
-        if main:
-            atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
-    net = data_parallel(model, device)
-    wandb_run = start_wandb(cfg, run_dir, resume, wandb_id) if main else NoWandb()
-    history = History(run_dir / "history.jsonl" if main else None, wandb_run)
-    guard = FiniteGuard(device)
-    x_val = x_test[rank::n_proc]  # this process's share of the validation set
-
-    def last_good_note() -> str:
-        if last_good is None:
-            return "No checkpoint had been written yet."
-        return f"The last good checkpoint is {last_good[0]} (step {last_good[1]}); resume with: {resume_command(cfg)}"
-
-    def save(path: Path, step_time_now: float) -> None:
-        """A full checkpoint: everything the rest of the run depends on, so --resume continues it
-        bitwise. Never written after a non-finite step; a failed write stops the run."""
-        nonlocal last_good
-        guard.check(last_good_note())  # on every process: a collective when data-parallel
-        if main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "epoch": step // steps_per_epoch, "epoch_step": step % steps_per_epoch,
-                     "data_gen_state": data_gen.get_state(), "epoch_gen_state": epoch_gen_state,
-                     "augment_gen_state": augment_gen.get_state(),
-                     "train_step_time_s": step_time_now, "train_time_s": time_before + time.perf_counter() - t_start,
-                     "rng": rng_states(device), "wandb_id": wandb_id, "config": dataclasses.asdict(cfg)}
-            try:
-                atomic_torch_save(state, path)
-            except OSError as e:
-                raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train "
-                                 f"on without one. {last_good_note()}", 4) from None
-        if path.name == "last.pt":
-            last_good = (path, step)
-
-    def agreed_signal(signals: StopSignals, ask: bool) -> int:
-        """The signal that stops the run, or 0. Alone, read every step; data-parallel, agreed
-        across processes (a collective) only where `ask` is true, so all stop at the same step."""
-        if n_proc == 1:
-            return signals.received or 0
-        if not ask:
-            return 0
-        return int(all_reduce_(torch.tensor(signals.received or 0, device=device), "max").item())
-
-    def stopped(signum: int) -> RunStopped:
-        return RunStopped(f"stopped by {signal.Signals(signum).name} at step {step}; last.pt holds that step. "
-                          f"Resume with: {resume_command(cfg)}", 128 + signum)
-
-    model.train()
-    val, counts = None, []  # the latest validation metrics and code histograms
-    pbar = tqdm(total=total_steps, initial=step, desc=cfg.name, dynamic_ncols=True, disable=not main)
-    t_start = time.perf_counter()
-    try:
-        with StopSignals() as signals, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
-            while step < total_steps:
-                epoch, first = divmod(step, steps_per_epoch)
-                if first == 0:
-                    epoch_gen_state = data_gen.get_state()
-                else:  # resumed inside an epoch: draw that epoch's permutation again
-                    data_gen.set_state(epoch_gen_state)
-                perm = torch.randperm(len(x_train), generator=data_gen, device=device)
-                last = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-                t0 = time.perf_counter()
-                for i in range(first, last):
-                    x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc), cfg.pixel_range)
-                    if cfg.augment == "crop_flip":
-                        x = augment_crop_flip(x, augment_gen, (rank, n_proc))
-                    beta = beta_at(step, total_steps, steps_per_epoch, cfg) if is_ba else None
-                    if is_ba:
-                        model.quantizer.beta = beta
-                    losses, idx, grad_norm = train_step(net, optimizer, x, cfg.precision)
-                    step += 1
-                    guard.watch(step, losses, grad_norm)
-                    pbar.update()
-                    if step % cfg.log_every == 0:
-                        guard.check(last_good_note())
-                        log_train_step(history, pbar, step, epoch, losses, idx, cfg.codebook_size, beta)
-                    # the epoch's last step is saved after its validation, below, so that a resumed
-                    # run never skips a validation
-                    signum = agreed_signal(signals, step % cfg.log_every == 0)
-                    if i + 1 < last and (signum or (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
-                        save(run_dir / "last.pt", step_time + time.perf_counter() - t0)
-                        if signum:
-                            raise stopped(signum)
-                sync(device)
-                step_time += time.perf_counter() - t0
-                guard.check(last_good_note())
-                val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-                history.log("val", step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
-                say(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB "
-                    f"(legacy {val['psnr_legacy']:.2f}), perplexity {val['perplexity']:.1f}, "
-                    f"usage {val['usage_rate']:.3f}")
-                save(run_dir / "last.pt", step_time)
-                if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
-                    save(run_dir / f"checkpoint_epoch{epoch + 1}.pt", step_time)
-                signum = agreed_signal(signals, True)
-                if signum:
-                    raise stopped(signum)
-        if val is None:  # resumed a run that had already finished its steps
-            val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-        wall = time_before + time.perf_counter() - t_start
-
-        final = dict(val)
-        if is_ba:
-            final["beta"] = model.quantizer.beta
-        final |= {"epochs": step / steps_per_epoch, "steps": step, "train_time_s": wall,
-                  "train_images_per_s": step * cfg.batch_size / step_time if step_time else float("nan")}
-        if main:
-            atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
-            atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-            atomic_write_bytes(run_dir / "code_counts.json",
-                               (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
-            save_recon_grid(model, x_test, run_dir / "recon.png")
-    finally:
-        pbar.close()
-        history.close()
-        wandb_run.finish()
-    say(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
-          f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
-    return final
