@@ -30,6 +30,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 import vqvae
 
 SWEEP_KEYS = ("study", "base", "runs")
@@ -317,6 +319,21 @@ def summarize(study_dir) -> list[dict]:
     print(markdown)
     print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
     return rows
+
+
+def evaluate_saved(run_dir, data_dir=None, beta=None, device="cpu") -> dict:
+    """A finished run's final_model.pt evaluated again on its validation set, as training's last
+    validation did (same eval_batch_size, hard codes), optionally with its data found in another
+    data_dir or, for BA, at another β: e.g. the β at which a run's last validation would have taken
+    place under another schedule."""
+    run_dir = Path(run_dir)
+    model = vqvae.load_model(run_dir / "final_model.pt", device)
+    cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
+                            overrides={"data_dir": data_dir} if data_dir else None)
+    if beta is not None:
+        model.quantizer.beta = float(beta)
+    _, test = vqvae.load_dataset(cfg)
+    return vqvae.evaluate(model, vqvae.to_device_uint8(test, torch.device(device)), cfg.eval_batch_size, cfg.precision)
 
 
 def train_curve(run_dir) -> dict:

@@ -222,3 +222,12 @@ def test_shipped_published_sweep_is_the_published_recipe():
                   p.cfg.dead_code_threshold) for p in planned if p.cfg.quantizer == "vq_ema"}
     assert vq == {"baseline": ("rotation", 0.25, 0.99, "kmeans_val", 0.0),
                   "baseline_ste": ("ste", 0.25, 0.99, "kmeans_val", 0.0)}
+
+
+def test_evaluate_saved_repeats_the_last_validation_and_takes_another_beta(tmp_path):
+    sweep(tmp_path, eval_batch_size=16, ba_eval="batch")        # β matters at evaluation with the batch rule
+    run = tmp_path / "exp" / "mini" / "ba"
+    again = study.evaluate_saved(run)
+    for key in ("psnr", "psnr_batch", "perplexity", "usage_rate"):
+        assert again[key] == pytest.approx(final(run)[key], rel=1e-6), key
+    assert study.evaluate_saved(run, beta=1e-3)["perplexity"] != pytest.approx(again["perplexity"])
