@@ -321,13 +321,17 @@ def summarize(study_dir) -> list[dict]:
     return rows
 
 
-def evaluate_saved(run_dir, data_dir=None, beta=None, device="cpu") -> dict:
+def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=None, device="cpu") -> dict:
     """A finished run's final_model.pt evaluated again on its validation set, as training's last
     validation did (same eval_batch_size, hard codes), optionally with its data found in another
-    data_dir or, for BA, at another β: e.g. the β at which a run's last validation would have taken
-    place under another schedule."""
+    data_dir or, for BA, with another evaluation: another β (e.g. where another schedule would have
+    ended), another ba_eval rule, or another starting marginal (ba_prior: uniform or running)."""
     run_dir = Path(run_dir)
     model = vqvae.load_model(run_dir / "final_model.pt", device)
+    if ba_eval is not None:
+        model.quantizer.eval_rule = ba_eval
+    if ba_prior is not None:
+        model.quantizer.prior_mode = ba_prior
     cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
                             overrides={"data_dir": data_dir} if data_dir else None)
     if beta is not None:

@@ -231,3 +231,5 @@ def test_evaluate_saved_repeats_the_last_validation_and_takes_another_beta(tmp_p
     for key in ("psnr", "psnr_batch", "perplexity", "usage_rate"):
         assert again[key] == pytest.approx(final(run)[key], rel=1e-6), key
     assert study.evaluate_saved(run, beta=1e-3)["perplexity"] != pytest.approx(again["perplexity"])
+    nearest = [study.evaluate_saved(run, beta=b, ba_eval="prior", ba_prior="uniform") for b in (1e-3, 100.0)]
+    assert nearest[0] == nearest[1]                                   # the nearest code does not depend on β
