@@ -218,6 +218,9 @@ def test_shipped_published_sweep_is_the_published_recipe():
         "ba_default": (0.5, 3.0, 2), "ba_exploratory": (0.1, 2.0, 2), "ba_greedy": (1.0, 10.0, 2),
         "ba_iters5": (0.5, 3.0, 5), "ba_iters1": (0.5, 3.0, 1), "ba_high_entropy": (0.5, 3.0, 2),
         "ba_low_entropy": (0.5, 3.0, 2), "ba_high_commitment": (0.5, 3.0, 2), "ba_balanced": (0.3, 5.0, 3)}
+    same = [vqvae.dataclasses.replace(ba[n], name="") for n in ("ba_default", "ba_high_entropy", "ba_low_entropy",
+                                                                "ba_high_commitment")]
+    assert all(c == same[0] for c in same)        # runs 2, 7, 8, 9: one configuration, as their code made them
     vq = {p.run: (p.cfg.grad_estimator, p.cfg.commitment_weight, p.cfg.ema_decay, p.cfg.codebook_init,
                   p.cfg.dead_code_threshold) for p in planned if p.cfg.quantizer == "vq_ema"}
     assert vq == {"baseline": ("rotation", 0.25, 0.99, "kmeans_val", 0.0),
