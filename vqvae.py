@@ -1267,6 +1267,12 @@ class History:
         self.file.flush()
         self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
 
+    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
+        """W&B only (the files hold both already): the reconstruction grid as an image and the
+        histogram of how many validation latents each code received (dead codes pile up at 0)."""
+        if self.file is not None:
+            self.wandb_run.log_media(step, grid, counts)
+
     def close(self):
         if self.file is not None:
             self.file.close()
@@ -1295,6 +1301,9 @@ class NoWandb:
     def log(self, *args, **kwargs):
         pass
 
+    def log_media(self, *args, **kwargs):
+        pass
+
     def finish(self):
         pass
 
@@ -1312,6 +1321,13 @@ class SafeWandb:
             except Exception as e:
                 print(f"W&B: logging failed ({type(e).__name__}: {e}); continuing without W&B")
                 self.run = None
+
+    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.log({"val/reconstructions": wandb.Image(grid, caption="top: originals, bottom: hard-code reconstructions"),
+                      "val/code_usage": wandb.Histogram(counts.double().numpy())}, step=step)
 
     def finish(self):
         if self.run is not None:
@@ -1381,8 +1397,9 @@ def start_wandb(cfg: Config, run_dir: Path, resume: bool, run_id: str):
     return NoWandb()
 
 
-def save_recon_grid(model: VQVAE, x_uint8: torch.Tensor, path: Path, n: int = 8) -> None:
-    """recon.png: n validation originals (top row) above their hard-code reconstructions."""
+def recon_grid(model: VQVAE, x_uint8: torch.Tensor, n: int = 8) -> np.ndarray:
+    """n validation originals (top row) above their hard-code reconstructions, as an RGB uint8
+    image (H, W, 3)."""
     from torchvision.utils import make_grid
 
     was_training = model.training
@@ -1392,10 +1409,15 @@ def save_recon_grid(model: VQVAE, x_uint8: torch.Tensor, path: Path, n: int = 8)
         x_hat = model(x)[0].float()
     model.train(was_training)
     grid = make_grid(to_unit_range(torch.cat([x, x_hat]), model.pixel_range).clamp(0, 1), nrow=x.shape[0], padding=2)
+    return grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def save_recon_grid(model: VQVAE, x_uint8: torch.Tensor, path: Path, n: int = 8) -> None:
+    """recon.png: the reconstruction grid of the first n validation images."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, format="png")
+    Image.fromarray(recon_grid(model, x_uint8, n)).save(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -1714,6 +1736,7 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
             guard.check(checkpoints.note())
             val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
             history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+            history.log_media(state.step, recon_grid(model, x_val), counts[-1])
             report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
             checkpoints.save("last.pt")
             if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:

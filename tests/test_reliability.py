@@ -159,27 +159,47 @@ def test_resume_lists_every_key_that_changes_the_checkpoint(tmp_path):
     assert final["steps"] == 4
 
 
-def wandb_history(run_dir: Path) -> list:
-    """The history records of the run's offline W&B log, read with wandb's own reader."""
+def wandb_records(run_dir: Path) -> list:
+    """The records of the run's offline W&B log, read with wandb's own reader."""
     [log] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
-    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def wandb_history(run_dir: Path) -> list:
     return [r["history"]["item"] | {"_step": r["history"].get("step", {}).get("num")}
-            for r in records if r.get("type") == "history"]
+            for r in wandb_records(run_dir) if r.get("type") == "history"]
 
 
-def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_what_a_user_compares(tmp_path, monkeypatch):
+    """Per run: the config, the study group, every loss term, batch perplexity and usage, β,
+    the validation metrics, the reconstruction grid as an image and the code-usage histogram."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_config(tmp_path, wandb=True, max_steps=4, log_every=1)
+    cfg = tiny_config(tmp_path, wandb=True, quantizer="ba_vq", max_steps=4, log_every=1, synthetic_size=128,
+                      eval_batch_size=16, wandb_group="mystudy")
     final = vqvae.train(cfg)
-    rows = wandb_history(vqvae.run_dir_of(cfg))
-    local = [r for r in vqvae.read_history(vqvae.run_dir_of(cfg)) if r["split"] == "train"]
-    assert [r["train/loss"] for r in rows if "train/loss" in r] == pytest.approx([r["loss"] for r in local])
-    assert [r["val/psnr"] for r in rows if "val/psnr" in r] == pytest.approx([final["psnr"]])
+    run_dir = vqvae.run_dir_of(cfg)
+    records = wandb_records(run_dir)
+    [run] = [r["run"] for r in records if r.get("type") == "run"]
+    config = run["config"]["update"]
+    assert all(config[k] == v for k, v in vqvae.dataclasses.asdict(cfg).items()), config
+    assert any('"run_group": "mystudy"' in json.dumps(r) for r in records)     # the study's W&B group
+    rows = wandb_history(run_dir)
+    local = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]
+    for key in ("loss", "recon", "commitment", "entropy", "codebook", "perplexity", "usage", "beta"):
+        assert [r[f"train/{key}"] for r in rows if f"train/{key}" in r] == pytest.approx([r[key] for r in local]), key
+    [val] = [r for r in rows if "val/psnr" in r]
+    for key in ("psnr", "psnr_batch", "perplexity", "perplexity_batch", "usage_rate", "usage_batch", "beta"):
+        assert val[f"val/{key}"] == pytest.approx(final[key]), key
+    assert val["val/reconstructions._type"] == "image-file"
+    grid = vqvae.recon_grid(vqvae.load_model(run_dir / "final_model.pt"), torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+    assert (val["val/reconstructions.height"], val["val/reconstructions.width"]) == grid.shape[:2]
+    assert val["val/code_usage._type"] == "histogram"
+    assert sum(val["val/code_usage.values"]) == cfg.codebook_size          # one entry per code
 
 
 def test_wandb_logged_in_without_network_falls_back_in_seconds(tmp_path, monkeypatch, capsys):
