@@ -1,9 +1,12 @@
-"""Training speed and peak memory, side by side in one run: this project's trainer, the seed
-reference trainer (../shared/bench/seed_ref.py) and vector-quantize-pytorch's VectorQuantize.
+"""Training speed and peak memory, side by side in one run: this project's trainer,
+vector-quantize-pytorch's VectorQuantize and, when given one with --seed_ref, a reference trainer
+written after the original design documents (any script taking `DATA --arch --quantizer --K
+--ba_iters --steps --batch` and printing a JSON line with train_images_per_s).
 
     pip install -r bench/requirements.txt                                   # the library, for comparison
     python bench/bench.py --data /tmp/cifar10-jpeg --plot bench/scaling.png   # the whole matrix
     python bench/bench.py --data /tmp/cifar10-jpeg --arch small --K 512 16384 --quantizer vq_ema
+    python bench/bench.py --data /tmp/cifar10-jpeg --seed_ref path/to/seed_ref.py   # with the reference
 
 Every measurement runs in a fresh subprocess, one after the other, so its peak resident memory is
 its own (read from the kernel with wait4) and no two compete for the cores. Training images/s is
@@ -22,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_REF = ROOT.parent / "shared" / "bench" / "seed_ref.py"
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
@@ -172,7 +174,7 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the whole plan, interleaved; rows report the median")
     ap.add_argument("--eval_K", nargs="+", type=int, default=[512], help="codebook sizes at which ours also times validation")
-    ap.add_argument("--no_seed_ref", action="store_true")
+    ap.add_argument("--seed_ref", metavar="SCRIPT", help="also time this reference trainer (none by default)")
     ap.add_argument("--no_library", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also measure ours with --compile (bf16)")
     ap.add_argument("--memory_budget_gib", type=float, default=20.0, help="skip seed_ref settings predicted above this")
@@ -206,14 +208,14 @@ def plan(args, data: Path) -> list:
                                "--K", str(K), "--ba_iters", str(ba_iters), "--precision", precision,
                                "--steps", str(args.steps)] + common + (["--compile"] if compiled else [])
                         out.append((base | {"impl": "ours", "precision": precision + ("+compile" if compiled else "")}, cmd, None))
-                    if not args.no_seed_ref:
+                    if args.seed_ref:
                         row = base | {"impl": "seed_ref", "precision": "fp32"}
                         if args.device != "cpu":
                             out.append((row, None, "seed_ref runs on the CPU only"))
                         elif not seed_ref_fits(arch, quantizer, K, ba_iters, args.batch, args.memory_budget_gib):
                             out.append((row, None, f"predicted > {args.memory_budget_gib:.0f} GiB"))
                         else:
-                            out.append((row, [sys.executable, str(SEED_REF), str(data), "--arch", arch, "--quantizer",
+                            out.append((row, [sys.executable, str(args.seed_ref), str(data), "--arch", arch, "--quantizer",
                                               quantizer, "--K", str(K), "--ba_iters", str(ba_iters),
                                               "--steps", str(slow_steps(K)), "--batch", str(args.batch)], None))
                     if not args.no_library and arch == "small" and quantizer == "vq_ema":
