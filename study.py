@@ -38,7 +38,7 @@ SWEEP_KEYS = ("study", "base", "runs")
 # Keys that change how a run is carried out or logged, not its results: a finished run whose saved
 # config differs from the sweep only in these still counts as that run.
 RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "log_every", "checkpoint_freq",
-                "channels_last", "compile", "wandb", "wandb_project", "wandb_group")
+                "channels_last", "compile", "deterministic", "wandb", "wandb_project", "wandb_group")
 METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
            "usage_batch", "beta", "train_time_s")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")

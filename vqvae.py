@@ -264,6 +264,9 @@ class Config:
     detect_anomaly: bool = _opt(False, "autograd anomaly detection, to find the operation that made a NaN (slow)")
     channels_last: bool = _opt(True, "NHWC memory layout for the convolutions (same results, faster on most devices)")
     compile: bool = _opt(False, "torch.compile the encoder and decoder (slow first steps, faster after on GPU)")
+    deterministic: bool = _opt(False, "deterministic kernels only (torch.use_deterministic_algorithms): on CUDA the "
+                                      "same run then gives the same bits, and a resumed run the uninterrupted one's "
+                                      "(slower); CPU runs here are bitwise repeatable without it")
     # --- logging
     wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)")
     wandb_project: str = _opt("bavq", "W&B project name")
@@ -1871,6 +1874,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     non-finite loss or gradient, or when a checkpoint cannot be written. Launched by torchrun, each
     process trains on its share of every global batch and only rank 0 writes files."""
     cfg = validate(cfg)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable matmuls
+        torch.use_deterministic_algorithms(True)
     device, joined = start_distributed(cfg)
     try:
         final = train_on(cfg, device, resume, overwrite)
@@ -1878,5 +1885,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             dist.barrier()  # rank 0 may still be writing results: leave the group together
         return final
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         if joined:
             dist.destroy_process_group()

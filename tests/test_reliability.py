@@ -228,3 +228,14 @@ def test_wandb_crash_mid_run_does_not_end_training(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(vqvae, "start_wandb", lambda *args: vqvae.SafeWandb(Broken()))
     final = vqvae.train(tiny_config(tmp_path, max_steps=4))
     assert final["steps"] == 4 and "continuing without W&B" in capsys.readouterr().out
+
+
+def test_deterministic_mode_gives_the_same_run_and_is_switched_off_after(tmp_path):
+    """deterministic: true runs under torch.use_deterministic_algorithms (an operation without a
+    deterministic kernel would raise); here, on CPU, it gives the same bits as the default."""
+    plain = vqvae.train(tiny_config(tmp_path, name="plain", quantizer="ba_vq", max_steps=4))
+    strict = vqvae.train(tiny_config(tmp_path, name="strict", quantizer="ba_vq", max_steps=4, deterministic=True,
+                                     augment="crop_flip"))
+    again = vqvae.train(tiny_config(tmp_path, name="again", quantizer="ba_vq", max_steps=4, augment="crop_flip"))
+    assert results(strict) == results(again) and results(plain) != results(strict)
+    assert not torch.are_deterministic_algorithms_enabled()
