@@ -340,6 +340,30 @@ def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=Non
     return vqvae.evaluate(model, vqvae.to_device_uint8(test, torch.device(device)), cfg.eval_batch_size, cfg.precision)
 
 
+def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
+    """What β competes with in a finished run, on its first n validation images: the median squared
+    distance of a latent to its nearest code (d1), the median gap to the second nearest (d2 − d1),
+    β times that gap, and (BA with a running prior) the 10th, 50th and 90th percentile of log π over
+    codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
+    picks a latent's code."""
+    run_dir = Path(run_dir)
+    model = vqvae.load_model(run_dir / "final_model.pt")
+    cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
+                            overrides={"data_dir": data_dir} if data_dir else None)
+    _, test = vqvae.load_dataset(cfg)
+    x = vqvae.normalize(vqvae.to_device_uint8(test[:n_images], torch.device("cpu")), cfg.pixel_range)
+    with torch.no_grad():
+        z = vqvae.flatten_latents(model.encoder(x)).float()
+        nearest = vqvae.squared_distances(z, model.quantizer.codebook).topk(2, dim=1, largest=False).values  # (N, 2)
+    out = {"d1": nearest[:, 0].median().item(), "gap": (nearest[:, 1] - nearest[:, 0]).median().item()}
+    if cfg.quantizer == "ba_vq":
+        out["beta_gap"] = model.quantizer.beta * out["gap"]
+        if cfg.ba_prior == "running":
+            log_pi = model.quantizer.log_prior()
+            out["log_pi_percentiles"] = torch.quantile(log_pi, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return out
+
+
 def train_curve(run_dir) -> dict:
     """The logged training steps of a run: step, batch perplexity, batch usage and (BA) β lists."""
     rows = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]

@@ -236,3 +236,13 @@ def test_evaluate_saved_repeats_the_last_validation_and_takes_another_beta(tmp_p
     assert study.evaluate_saved(run, beta=1e-3)["perplexity"] != pytest.approx(again["perplexity"])
     nearest = [study.evaluate_saved(run, beta=b, ba_eval="prior", ba_prior="uniform") for b in (1e-3, 100.0)]
     assert nearest[0] == nearest[1]                                   # the nearest code does not depend on β
+
+
+def test_distance_scale_reports_the_nearest_code_distances(tmp_path):
+    sweep(tmp_path, ba_prior="running")
+    scale = study.distance_scale(tmp_path / "exp" / "mini" / "ba", n_images=8)
+    assert 0 <= scale["d1"] and 0 <= scale["gap"]
+    assert scale["beta_gap"] == pytest.approx(final(tmp_path / "exp" / "mini" / "ba")["beta"] * scale["gap"])
+    low, mid, high = scale["log_pi_percentiles"]
+    assert low <= mid <= high <= 0                                  # log of probabilities
+    assert "beta_gap" not in study.distance_scale(tmp_path / "exp" / "mini" / "vq", n_images=8)
