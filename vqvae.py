@@ -1327,10 +1327,16 @@ class SafeWandb:
 
     def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
         if self.run is not None:
-            import wandb
+            try:
+                import wandb
 
-            self.log({"val/reconstructions": wandb.Image(grid, caption="top: originals, bottom: hard-code reconstructions"),
-                      "val/code_usage": wandb.Histogram(counts.double().numpy())}, step=step)
+                media = {"val/reconstructions": wandb.Image(grid, caption="top: originals, bottom: hard-code reconstructions"),
+                         "val/code_usage": wandb.Histogram(counts.double().numpy())}
+            except Exception as e:
+                print(f"W&B: could not make the image and histogram ({type(e).__name__}: {e}); continuing without W&B")
+                self.run = None
+                return
+            self.log(media, step=step)
 
     def finish(self):
         if self.run is not None:
