@@ -144,9 +144,10 @@ def run_state(run_dir: Path) -> str:
 def config_differences(run_dir: Path, cfg: vqvae.Config) -> list[str]:
     """Result-changing keys on which the run saved in run_dir differs from cfg."""
     saved = vqvae.read_yaml(run_dir / "config.yaml")
-    now = dataclasses.asdict(cfg)
-    return [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now
-            if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(vqvae.Config())
+    # a key added after the run was saved took its default there (new keys default to the old behaviour)
+    return [f"{k}: {saved.get(k, defaults[k])!r} there, {now[k]!r} now" for k in now
+            if k not in RUNTIME_KEYS and saved.get(k, defaults[k]) != now[k]]
 
 
 def check_existing(planned: list[PlannedRun]) -> None:

@@ -246,3 +246,17 @@ def test_distance_scale_reports_the_nearest_code_distances(tmp_path):
     low, mid, high = scale["log_pi_percentiles"]
     assert low <= mid <= high <= 0                                  # log of probabilities
     assert "beta_gap" not in study.distance_scale(tmp_path / "exp" / "mini" / "vq", n_images=8)
+
+
+def test_a_run_saved_before_a_key_existed_still_counts_as_that_run(tmp_path, monkeypatch):
+    """A config key added after a run was saved took its default there: the run is skipped, not
+    refused (the study of this file resumed runs saved before ba_fast_path existed)."""
+    sweep(tmp_path)
+    run = tmp_path / "exp" / "mini" / "ba"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["ba_fast_path"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    monkeypatch.setattr(vqvae, "train", lambda *args, **kwargs: pytest.fail("a finished run was trained again"))
+    sweep(tmp_path)
+    with pytest.raises(vqvae.VQVAEError, match="ba_fast_path: True there, False now"):
+        sweep(tmp_path, ba_fast_path=False)
