@@ -322,22 +322,28 @@ def summarize(study_dir) -> list[dict]:
     return rows
 
 
+def saved_run(run_dir, data_dir=None, device="cpu"):
+    """A finished run's final model (eval mode), its config, and its validation images (uint8
+    numpy), found in data_dir when given instead of the run's own."""
+    run_dir = Path(run_dir)
+    model = vqvae.load_model(run_dir / "final_model.pt", device)
+    cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
+                            overrides={"data_dir": data_dir} if data_dir else None)
+    return model, cfg, vqvae.load_dataset(cfg)[1]
+
+
 def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=None, device="cpu") -> dict:
     """A finished run's final_model.pt evaluated again on its validation set, as training's last
     validation did (same eval_batch_size, hard codes), optionally with its data found in another
     data_dir or, for BA, with another evaluation: another β (e.g. where another schedule would have
     ended), another ba_eval rule, or another starting marginal (ba_prior: uniform or running)."""
-    run_dir = Path(run_dir)
-    model = vqvae.load_model(run_dir / "final_model.pt", device)
+    model, cfg, test = saved_run(run_dir, data_dir, device)
     if ba_eval is not None:
         model.quantizer.eval_rule = ba_eval
     if ba_prior is not None:
         model.quantizer.prior_mode = ba_prior
-    cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
-                            overrides={"data_dir": data_dir} if data_dir else None)
     if beta is not None:
         model.quantizer.beta = float(beta)
-    _, test = vqvae.load_dataset(cfg)
     return vqvae.evaluate(model, vqvae.to_device_uint8(test, torch.device(device)), cfg.eval_batch_size, cfg.precision)
 
 
@@ -347,11 +353,7 @@ def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     β times that gap, and (BA with a running prior) the 10th, 50th and 90th percentile of log π over
     codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
     picks a latent's code."""
-    run_dir = Path(run_dir)
-    model = vqvae.load_model(run_dir / "final_model.pt")
-    cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
-                            overrides={"data_dir": data_dir} if data_dir else None)
-    _, test = vqvae.load_dataset(cfg)
+    model, cfg, test = saved_run(run_dir, data_dir)
     x = vqvae.normalize(vqvae.to_device_uint8(test[:n_images], torch.device("cpu")), cfg.pixel_range)
     with torch.no_grad():
         z = vqvae.flatten_latents(model.encoder(x)).float()
