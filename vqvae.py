@@ -1524,16 +1524,15 @@ def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: st
         batch_sse.append((x_hat.float() - x).pow(2).sum().double() * to_signed)  # as if on [−1, 1]
         batch_counts.append(code_histogram(idx, K))
     model.train(was_training)
-    sse, counts = torch.stack(batch_sse).sum(), torch.stack(batch_counts).sum(0)
+    batch_sse, batch_counts = torch.stack(batch_sse), torch.stack(batch_counts)  # (n_batches,), (n_batches, K)
+    sse, counts = batch_sse.sum(), batch_counts.sum(0)
     n_values = all_reduce_(torch.tensor(x_uint8.numel(), dtype=torch.float64, device=device))
     metrics = reconstruction_metrics(all_reduce_(sse).item(), int(n_values.item()))
     all_reduce_(counts)
     if counts_out is not None:
         counts_out.append(counts.cpu())
-    full = len(x_uint8) // batch_size
-    per_batch = batch_average_metrics(torch.stack(batch_sse[:full] or [sse.new_zeros(())])[:full],
-                                      torch.stack(batch_counts[:full] or [counts.new_zeros(K)])[:full],
-                                      batch_size * x_uint8[0].numel())
+    full = len(x_uint8) // batch_size  # batches of exactly batch_size (drop_last)
+    per_batch = batch_average_metrics(batch_sse[:full], batch_counts[:full], batch_size * x_uint8[0].numel())
     names = list(per_batch)
     sums = all_reduce_(torch.stack([per_batch[n].to(device, torch.float64) for n in names])).tolist()
     n_batches = sums[names.index("batches")]
