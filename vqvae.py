@@ -1515,7 +1515,7 @@ def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: st
     model.eval()
     device = x_uint8.device
     K = model.quantizer.codebook_size
-    batch_sse, batch_counts = [], []  # per full batch, kept on the device until the end
+    batch_sse, batch_counts = [], []  # per batch, kept on the device until the end
     to_signed = 4.0 if model.pixel_range == "unit" else 1.0  # squared error on [0, 1] → on [−1, 1]
     for start in range(0, len(x_uint8), batch_size):
         x = normalize(x_uint8[start:start + batch_size], model.pixel_range)
