@@ -1255,32 +1255,6 @@ def read_history(run_dir) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class History:
-    """history.jsonl: one JSON object per logged train step and per validation; mirrored to W&B."""
-
-    def __init__(self, path: Optional[Path], wandb_run):
-        self.file = open(path, "a") if path is not None else None  # None: a process that writes nothing
-        self.wandb_run = wandb_run
-
-    def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
-        if self.file is None:
-            return
-        record = {"split": split, "step": step, "epoch": epoch, **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
-
-    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
-        """W&B only (the files hold both already): the reconstruction grid as an image and the
-        histogram of how many validation latents each code received (dead codes pile up at 0)."""
-        if self.file is not None:
-            self.wandb_run.log_media(step, grid, counts)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
 def _record_step(line: str) -> float:
     """The step of one history line; inf for a line torn by a kill mid-write (dropped on resume)."""
     try:
@@ -1345,6 +1319,37 @@ class SafeWandb:
             except Exception:
                 pass
             self.run = None
+
+
+class History:
+    """history.jsonl: one JSON object per logged train step and per validation; mirrored to W&B."""
+
+    def __init__(self, path: Optional[Path], wandb_run):
+        self.file = open(path, "a") if path is not None else None  # None: a process that writes nothing
+        self.wandb_run = wandb_run
+
+    def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
+        if self.file is None:
+            return
+        record = {"split": split, "step": step, "epoch": epoch, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
+
+    @property
+    def wants_media(self) -> bool:
+        """Whether log_media has a reader: a process that writes, with W&B on."""
+        return self.file is not None and not isinstance(self.wandb_run, NoWandb)
+
+    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
+        """W&B only (the files hold both already): the reconstruction grid as an image and the
+        histogram of how many validation latents each code received (dead codes pile up at 0)."""
+        if self.wants_media:
+            self.wandb_run.log_media(step, grid, counts)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
 def _wandb_logged_in() -> bool:
@@ -1744,7 +1749,8 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
             guard.check(checkpoints.note())
             val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
             history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
-            history.log_media(state.step, recon_grid(model, x_val), counts[-1])
+            if history.wants_media:  # the grid costs a forward pass: only when W&B will take it
+                history.log_media(state.step, recon_grid(model, x_val), counts[-1])
             report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
             checkpoints.save("last.pt")
             if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
