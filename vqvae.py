@@ -9,6 +9,7 @@ vectors, K codebook size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -669,10 +670,11 @@ def row_chunks(z: torch.Tensor, codebook: torch.Tensor):
     return [slice(start, start + rows) for start in range(0, z.shape[0], rows)]
 
 
-def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """‖z_n − c_k‖² for z (N, D), codebook (K, D) → (N, K)."""
+def squared_distances(z: torch.Tensor, codebook: torch.Tensor, z2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖z_n − c_k‖² for z (N, D), codebook (K, D) → (N, K); z2 (N, 1): ‖z_n‖², when the caller has it."""
     c2 = codebook.pow(2).sum(1)
-    return torch.addmm(c2, z, codebook.t(), alpha=-2).add_(z.pow(2).sum(1, keepdim=True)).clamp_(min=0)
+    z2 = z.pow(2).sum(1, keepdim=True) if z2 is None else z2
+    return torch.addmm(c2, z, codebook.t(), alpha=-2).add_(z2).clamp_(min=0)
 
 
 ARGMAX_BLOCK = 64
@@ -696,13 +698,84 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.T
     """argmin_k ‖z_n − c_k‖² − bias_k for each row of z (N, D) → (N,) long, in row chunks so memory
     stays O(chunk × K). ‖z_n‖² is the same for every k, so the score 2 z·c − ‖c‖² + bias suffices.
     (Results go into one preallocated tensor: a list of small per-chunk results interleaved with
-    the chunk-sized score matrices fragments the CPU heap, by gigabytes at large K.)"""
+    the chunk-sized score matrices fragments the CPU heap, by gigabytes at large K.) Where the CPU
+    multiplies bf16 natively and K is large, the same answer comes faster from nearest_code_screened."""
+    if bias is None and screen_applies(z, codebook):
+        return nearest_code_screened(z, codebook)
     with torch.no_grad():
         score_bias = -codebook.pow(2).sum(1) if bias is None else bias - codebook.pow(2).sum(1)
         idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
         for rows in row_chunks(z, codebook):
             idx[rows] = argmax_rows(torch.addmm(score_bias, z[rows], codebook.t(), alpha=2))
         return idx
+
+
+# The bf16 screen. A CPU with native bf16 dot products (AVX512-BF16 or AMX) multiplies bf16 several
+# times faster than fp32 (5× on this project's CPU), and at large K the fp32 score matmul is most of
+# a VQ step and of validation. The screen scores every code in bf16, keeps the few codes whose exact
+# score could still be the best, and decides among them in fp32. Below SCREEN_MIN_K the plain fp32
+# pass is as fast. SCREEN_ALPHA bounds the bf16 error (see nearest_code_screened).
+SCREEN_MIN_K = 2048
+SCREEN_ALPHA = 9 * 2**-11  # 2.25 u, u = 2⁻⁸ (bf16's unit roundoff)
+SCREEN_CHUNK_ELEMENTS = 2**22
+
+
+def native_bf16_matmul() -> bool:
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def screen_applies(z: torch.Tensor, codebook: torch.Tensor) -> bool:
+    K = codebook.shape[0]
+    return (SCREEN_MIN_K > 0 and K >= SCREEN_MIN_K and K % ARGMAX_BLOCK == 0 and z.device.type == "cpu"
+            and z.dtype == codebook.dtype == torch.float32 and native_bf16_matmul())
+
+
+def bf16_at_most(x: torch.Tensor) -> torch.Tensor:
+    """The largest bf16 value ≤ x, elementwise."""
+    nearest = x.bfloat16()
+    return torch.where(nearest.float() > x, torch.nextafter(nearest, torch.full_like(nearest, -math.inf)), nearest)
+
+
+@torch.no_grad()
+def nearest_code_screened(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """nearest_code(z, codebook) (N,) through a bf16 screen: the fp32 nearest code, exact up to ties
+    within fp32 rounding. Why no code is lost, with s_k = 2 z·c_k − ‖c_k‖² the exact score:
+    - one bf16 matmul of [2z, 1] and [c_k, −(1 − 2α)‖c_k‖²] (inputs rounded to bf16, products exact,
+      sums in fp32) gives t'_k ≈ t_k = s_k + 2α‖c_k‖² within (2u + u² + fp32 sums) of Σ|terms|
+      ≤ α(2‖z‖‖c_k‖ + ‖c_k‖²) ≤ α(‖z‖² + 2‖c_k‖²), with α = SCREEN_ALPHA = 2.25 u;
+    - so every code with s_k ≥ s_j (j any code) has t'_k ≥ s_j − α‖z‖²: the extra 2α‖c_k‖² in t
+      pays for the code-dependent part of the error, and the threshold depends on the row alone;
+    - the matmul rounds t'_k to bf16 on output; rounding is monotone, so comparing it with the
+      threshold rounded down to bf16 loses nothing;
+    - j = the code with the largest bf16 score (found through the maxima of blocks of ARGMAX_BLOCK
+      codes), scored exactly in fp32. Only blocks whose maximum reaches the threshold are opened;
+      their codes at or above it (one or two a row on a trained codebook) are scored in fp32, and
+      the best wins, the lowest index among equals, as argmax does."""
+    N, K = z.shape[0], codebook.shape[0]
+    c2 = codebook.pow(2).sum(1)                                                            # (K,)
+    c_aug = torch.cat([codebook, -(1 - 2 * SCREEN_ALPHA) * c2[:, None]], 1).bfloat16().t()  # (D+1, K)
+    z_aug = torch.cat([2 * z, z.new_ones(N, 1)], 1).bfloat16()                             # (N, D+1)
+    slack = SCREEN_ALPHA * z.pow(2).sum(1)                                                 # (N,)
+    idx = torch.empty(N, dtype=torch.long, device=z.device)
+    rows = max(MIN_CHUNK_ROWS, SCREEN_CHUNK_ELEMENTS // K)
+    for start in range(0, N, rows):
+        zr = z[start:start + rows]
+        n = zr.shape[0]
+        blocks = (z_aug[start:start + rows] @ c_aug).view(n, K // ARGMAX_BLOCK, ARGMAX_BLOCK)  # (n, B, 64) bf16
+        block_max = blocks.amax(2)                                                        # (n, B)
+        best_block = block_max.float().argmax(1)
+        inside = blocks[torch.arange(n, device=z.device), best_block].float().argmax(1)
+        j = best_block * ARGMAX_BLOCK + inside
+        threshold = bf16_at_most(2 * (zr * codebook[j]).sum(1) - c2[j] - slack[start:start + rows])  # (n,)
+        row, block = (block_max >= threshold[:, None]).nonzero(as_tuple=True)             # blocks to open
+        hit, offset = (blocks[row, block] >= threshold[row, None]).nonzero(as_tuple=True)
+        row, code = row[hit], block[hit] * ARGMAX_BLOCK + offset                          # candidates
+        exact = 2 * (zr[row] * codebook[code]).sum(1) - c2[code]
+        best = torch.full((n,), -math.inf, device=z.device).scatter_reduce_(0, row, exact, "amax")
+        winner = exact == best[row]
+        idx[start:start + rows] = torch.full((n,), K, device=z.device).scatter_reduce_(0, row[winner], code[winner], "amin")
+    return idx
 
 
 KMEANS_SEEDING_ROUNDS = 256
@@ -720,13 +793,14 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     per_round = -(-k // KMEANS_SEEDING_ROUNDS)
     centers = x.new_empty(k, x.shape[1])
     centers[:1] = x[torch.randint(n, (1,), generator=generator, device=x.device)]
-    min_d = squared_distances(x, centers[:1])[:, 0]
+    x2 = x.pow(2).sum(1, keepdim=True)  # once, not every round: at K = 16,384 that was most of the seeding
+    min_d = squared_distances(x, centers[:1], x2)[:, 0]
     chosen = 1
     while chosen < k:
         # the floor keeps the draw defined when points already coincide with centres
         take = min(per_round, k - chosen)
         new = x[torch.multinomial(min_d.clamp_min(1e-30), take, replacement=False, generator=generator)]
-        torch.minimum(min_d, squared_distances(x, new).min(1).values, out=min_d)
+        torch.minimum(min_d, squared_distances(x, new, x2).min(1).values, out=min_d)
         centers[chosen:chosen + take] = new
         chosen += take
     for _ in range(iters):
@@ -1609,6 +1683,12 @@ def start_distributed(cfg: Config) -> tuple[torch.device, bool]:
     return device, True
 
 
+# Where a run's wall time goes, summed over its sessions (final_metrics.json "seconds"): setting up
+# (data, model, W&B), k-means seeding of the codebook, training steps (logging steps included),
+# validation passes, checkpoint writes, and the final files.
+PHASES = ("setup", "kmeans", "steps", "validation", "checkpoints", "results")
+
+
 class TrainState:
     """What a run carries from step to step besides the model and the optimizer: the step, the time
     spent, the data-order and augmentation generators, where the current epoch's permutation came
@@ -1617,7 +1697,7 @@ class TrainState:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.step = 0
-        self.step_time = 0.0        # seconds inside training steps, over all sessions of the run
+        self.seconds = dict.fromkeys(PHASES, 0.0)  # wall time by phase, over all sessions of the run
         self.time_before = 0.0      # wall time of the run's earlier sessions
         self.session_start = time.perf_counter()
         self.data_gen = torch.Generator(device=device).manual_seed(cfg.seed)         # data order
@@ -1629,6 +1709,14 @@ class TrainState:
     def wall_time(self) -> float:
         return self.time_before + time.perf_counter() - self.session_start
 
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
     def epoch_permutation(self, n_images: int, first_step: int) -> torch.Tensor:
         """This epoch's order of the training images; resumed inside an epoch, the same one again."""
         if first_step == 0:
@@ -1638,12 +1726,14 @@ class TrainState:
         return torch.randperm(n_images, generator=self.data_gen, device=self.device)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "train_step_time_s": self.step_time, "train_time_s": self.wall_time(),
+        return {"step": self.step, "seconds": dict(self.seconds), "train_time_s": self.wall_time(),
                 "data_gen_state": self.data_gen.get_state(), "augment_gen_state": self.augment_gen.get_state(),
                 "epoch_gen_state": self.epoch_gen_state, "rng": rng_states(self.device), "wandb_id": self.wandb_id}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.step_time, self.time_before = state["step"], state["train_step_time_s"], state["train_time_s"]
+        self.step, self.time_before = state["step"], state["train_time_s"]
+        # checkpoints from before the breakdown by phase kept the steps' time alone
+        self.seconds |= state.get("seconds", {"steps": state.get("train_step_time_s", 0.0)})
         self.data_gen.set_state(state["data_gen_state"])
         if "augment_gen_state" in state:  # checkpoints from before augmentation existed
             self.augment_gen.set_state(state["augment_gen_state"])
@@ -1673,6 +1763,12 @@ class Checkpointer:
         """Everything the rest of the run depends on; a failed write stops the run."""
         self.guard.check(self.note())
         path, step = self.run_dir / name, self.state.step
+        with self.state.timed("checkpoints"):
+            self.write(path, step)
+        if name == "last.pt":
+            self.last_good = (path, step)
+
+    def write(self, path: Path, step: int) -> None:
         if world()[0] == 0:
             checkpoint = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                           "config": dataclasses.asdict(self.cfg), "epoch": step // self.steps_per_epoch,
@@ -1682,8 +1778,6 @@ class Checkpointer:
             except OSError as e:
                 raise RunStopped(f"cannot write checkpoint {path} ({e.strerror or e}); stopped rather than train "
                                  f"on without one. {self.note()}", 4) from None
-        if name == "last.pt":
-            self.last_good = (path, step)
 
 
 def agreed_signal(signals: StopSignals, ask: bool, device: torch.device) -> int:
@@ -1740,17 +1834,19 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
                     log_train_step(history, pbar, state.step, epoch, losses, idx, cfg.codebook_size, beta)
                 signum = agreed_signal(signals, log_step, device)
                 if i + 1 < last and (signum or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0)):
-                    state.step_time, t0 = state.step_time + time.perf_counter() - t0, time.perf_counter()
+                    state.seconds["steps"] += time.perf_counter() - t0
                     checkpoints.save("last.pt")
+                    t0 = time.perf_counter()
                     if signum:
                         raise stopped_by(signum, state.step, cfg)
             sync(device)
-            state.step_time += time.perf_counter() - t0
+            state.seconds["steps"] += time.perf_counter() - t0
             guard.check(checkpoints.note())
-            val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-            history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
-            if history.wants_media:  # the grid costs a forward pass: only when W&B will take it
-                history.log_media(state.step, recon_grid(model, x_val), counts[-1])
+            with state.timed("validation"):
+                val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
+                history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+                if history.wants_media:  # the grid costs a forward pass: only when W&B will take it
+                    history.log_media(state.step, recon_grid(model, x_val), counts[-1])
             report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
             checkpoints.save("last.pt")
             if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
@@ -1810,29 +1906,35 @@ def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, ch
             print(f"resuming {run_dir} at step {state.step}")
         return
     if cfg.codebook_init in ("kmeans", "kmeans_val"):
-        t0 = time.perf_counter()
-        kmeans_gen = torch.Generator(device=x_train.device).manual_seed(cfg.seed + 1)
-        init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
+        with state.timed("kmeans"):
+            kmeans_gen = torch.Generator(device=x_train.device).manual_seed(cfg.seed + 1)
+            init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
+            sync(x_train.device)
         if main:
-            print(f"k-means codebook init: {time.perf_counter() - t0:.1f}s")
+            print(f"k-means codebook init: {state.seconds['kmeans']:.1f}s")
     if main:
         atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
 
 
 def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, counts: list, x_test: torch.Tensor,
                   run_dir: Path, steps_per_epoch: int) -> dict:
-    """final_metrics.json, final_model.pt, code_counts.json and recon.png (rank 0); returns the metrics."""
+    """final_model.pt, code_counts.json, recon.png and, last (its presence marks the run finished),
+    final_metrics.json (rank 0); returns the metrics."""
     final = dict(val)
     if cfg.quantizer == "ba_vq":
         final["beta"] = model.quantizer.beta
+    steps_s = state.seconds["steps"]
     final |= {"epochs": state.step / steps_per_epoch, "steps": state.step, "train_time_s": state.wall_time(),
-              "train_images_per_s": state.step * cfg.batch_size / state.step_time if state.step_time else float("nan")}
+              "train_images_per_s": state.step * cfg.batch_size / steps_s if steps_s else float("nan")}
     if world()[0] == 0:
-        atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+        with state.timed("results"):
+            atomic_torch_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, run_dir / "final_model.pt")
+            atomic_write_bytes(run_dir / "code_counts.json",
+                               (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
+            save_recon_grid(model, x_test, run_dir / "recon.png")
+    final["seconds"] = {k: round(v, 3) for k, v in state.seconds.items()}
+    if world()[0] == 0:
         atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-        atomic_write_bytes(run_dir / "code_counts.json",
-                           (json.dumps({"split": "val", "counts": counts[-1].tolist()}) + "\n").encode())
-        save_recon_grid(model, x_test, run_dir / "recon.png")
         print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
               f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
     return final
@@ -1842,6 +1944,7 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
     """One run on this process's device: set up, train (training_loop), write the results."""
     from tqdm import tqdm
 
+    setup_start = time.perf_counter()
     rank, n_proc = world()
     cfg, run_dir, checkpoint = open_run(cfg, resume, overwrite)
     train_np, test_np = load_dataset(cfg)
@@ -1868,6 +1971,8 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
     x_val = x_test[rank::n_proc]  # this process's share of the validation set
     model.train()
     state.session_start = time.perf_counter()
+    # this session's set-up, less k-means (which a new run's start_or_restore timed on its own)
+    state.seconds["setup"] += state.session_start - setup_start - (state.seconds["kmeans"] if checkpoint is None else 0)
     try:
         val, counts = training_loop(cfg, model, net, optimizer, state, x_train, x_val, history, checkpoints, pbar)
         if val is None:  # resumed a run that had already finished its steps

@@ -25,7 +25,7 @@ RUN = ["--dataset", "synthetic", "--synthetic_size", "512", "--batch_size", "32"
        "--codebook_size", "32", "--n_hid", "16", "--latent_dim", "8", "--log_every", "1", "--eval_batch_size", "64",
        "--save_every_steps", "3", "--checkpoint_freq", "0", "--no_wandb", "--device", "cpu"]
 TOTAL_STEPS = 3 * (512 // 32)
-TIMING = ("train_time_s", "train_images_per_s")
+TIMING = ("train_time_s", "train_images_per_s", "seconds")
 
 
 def train_cmd(out: Path, name: str, quantizer: str, *extra) -> list:

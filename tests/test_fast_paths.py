@@ -246,3 +246,77 @@ def test_compiled_encoder_and_decoder_equal_eager():
     plain, fast = twin_models(cfg, compile=True)
     x = (torch.rand(4, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
     assert_same_training_step(plain, fast, x, x)
+
+
+def nearest_in_float64(z, codebook):
+    """(N,) exact nearest codes and (N,) the gap between the nearest and the second nearest."""
+    d = torch.cdist(z.double(), codebook.double()).pow(2)
+    two = d.topk(2, dim=1, largest=False)
+    return two.indices[:, 0], two.values[:, 1] - two.values[:, 0]
+
+
+def screen_cases():
+    """(name, z, codebook): a spread codebook, one fitted by k-means to the very points it is asked
+    about (many codes nearly as close as the nearest: the screen's worst case), codes at many scales
+    with dead ones at zero, and latents far from the origin."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4000, 64, generator=g)
+    yield "random", z, torch.randn(2048, 64, generator=g)
+    yield "kmeans", z, vqvae.kmeans(z, 2048, 3, g)
+    scales = torch.logspace(-3, 1, 2048)[torch.randperm(2048, generator=g)]
+    codebook = torch.randn(2048, 64, generator=g) * scales[:, None]
+    codebook[::7] = 0.0
+    yield "scales", 2 * z, codebook
+    offset = 4 + torch.randn(64, generator=g)
+    yield "offset", z + offset, torch.randn(2048, 64, generator=g) + offset
+
+
+@pytest.mark.parametrize("rows", [32, 300, 5000])
+def test_screened_nearest_code_is_the_exact_nearest_code(monkeypatch, rows):
+    """Wherever float64 separates the nearest code from the next by more than fp32 rounding, the bf16
+    screen returns it; elsewhere it returns a code as near as fp32 can tell."""
+    monkeypatch.setattr(vqvae, "SCREEN_CHUNK_ELEMENTS", rows * 2048)
+    monkeypatch.setattr(vqvae, "MIN_CHUNK_ROWS", 1)
+    for name, z, codebook in screen_cases():
+        got = vqvae.nearest_code_screened(z, codebook)
+        exact, gap = nearest_in_float64(z, codebook)
+        scale = z.double().pow(2).sum(1) + codebook.double().pow(2).sum(1).max()
+        clear = gap > 1e-5 * scale
+        assert clear.float().mean() > 0.9, name  # the check below is not empty
+        assert torch.equal(got[clear], exact[clear]), name
+        d = torch.cdist(z.double(), codebook.double()).pow(2)
+        assert (d.gather(1, got[:, None]).squeeze(1) - d.gather(1, exact[:, None]).squeeze(1) <= 1e-5 * scale).all(), name
+
+
+def test_screened_nearest_code_breaks_ties_to_the_lowest_index():
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(2048, 16, generator=g)
+    codebook[1500] = codebook[40]   # exact duplicates: argmax's first maximum wins
+    codebook[1999] = codebook[40]
+    z = codebook[[40, 1500, 1999, 7]] + 1e-3 * torch.randn(4, 16, generator=g)
+    assert vqvae.nearest_code_screened(z, codebook).tolist() == [40, 40, 40, 7]
+
+
+def test_screen_applies_only_where_it_is_exact_and_pays(monkeypatch):
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
+    z = torch.randn(10, 8)
+    assert vqvae.screen_applies(z, torch.randn(2048, 8))
+    assert not vqvae.screen_applies(z, torch.randn(1024, 8))          # below SCREEN_MIN_K
+    assert not vqvae.screen_applies(z, torch.randn(2050, 8))          # not whole blocks of codes
+    assert not vqvae.screen_applies(z.double(), torch.randn(2048, 8).double())
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: False)
+    assert not vqvae.screen_applies(z, torch.randn(2048, 8))          # bf16 would be slow here
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
+    calls = []
+    monkeypatch.setattr(vqvae, "nearest_code_screened", lambda z, c: calls.append(1) or torch.zeros(len(z), dtype=torch.long))
+    vqvae.nearest_code(z, torch.randn(2048, 8))
+    vqvae.nearest_code(z, torch.randn(2048, 8), bias=torch.zeros(2048))  # BA's prior bias: the plain pass
+    assert calls == [1]
+
+
+def test_bf16_at_most_rounds_down():
+    x = torch.randn(10_000) * torch.logspace(-5, 5, 10_000)
+    down = vqvae.bf16_at_most(x)
+    assert down.dtype == torch.bfloat16 and (down.float() <= x).all()
+    up = torch.nextafter(down, torch.full_like(down, float("inf")))
+    assert (up.float() > x).all()  # and it is the largest such value

@@ -15,7 +15,7 @@ import train as cli
 import vqvae
 from conftest import interrupt_on_call, tiny_config
 
-TIMING = ("train_time_s", "train_images_per_s")
+TIMING = ("train_time_s", "train_images_per_s", "seconds")
 
 
 def results(metrics):

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import vqvae
 from conftest import interrupt_on_call, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("train_time_s", "train_images_per_s")
+TIMING_KEYS = ("train_time_s", "train_images_per_s", "seconds")
 
 
 def results(metrics):
@@ -58,6 +59,20 @@ def test_final_metrics_match_an_independent_evaluation(tmp_path):
     assert final["perplexity"] == pytest.approx(vqvae.perplexity(torch.bincount(idx.flatten(), minlength=32)))
 
 
+def test_final_metrics_say_where_the_time_went(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2, checkpoint_freq=1)
+    t0 = time.perf_counter()
+    final = vqvae.train(cfg)
+    wall = time.perf_counter() - t0
+    seconds = final["seconds"]
+    assert list(seconds) == list(vqvae.PHASES)
+    assert all(v > 0 for v in seconds.values()), seconds
+    assert sum(seconds.values()) <= wall + 0.01  # disjoint phases, each rounded to the millisecond
+    saved = json.loads((vqvae.run_dir_of(cfg) / "final_metrics.json").read_text())
+    assert saved["seconds"] == seconds
+    assert final["steps"] * 32 / final["train_images_per_s"] == pytest.approx(seconds["steps"], abs=1e-3)
+
+
 @pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
 def test_same_seed_same_result(tmp_path, quantizer):
     a = vqvae.train(tiny_config(tmp_path, name="a", quantizer=quantizer))
@@ -98,6 +113,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     assert all(torch.equal(model[k], ref_model[k]) for k in ref_model if not k.endswith("_extra_state"))
     steps = [r["step"] for r in vqvae.read_history(tmp_path / "experiments" / "run") if r["split"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated records from the interrupted epoch
+    assert resumed["seconds"]["kmeans"] > 0  # timed in the first session only: the checkpoint carried it
 
 
 def dataclasses_replace(cfg, **changes):
