@@ -63,3 +63,44 @@ def test_a_tiny_benchmark_runs_end_to_end(tmp_path):
     if with_seed_ref:
         assert "small vq_ema iters=1 K=64 fp32 speed ours/seed_ref" in whats
     assert "| small | vq_ema | 1 | 64 | ours | fp32 |" in bench.markdown_report(result)
+
+
+wp_spec = importlib.util.spec_from_file_location("whole_process", ROOT / "bench" / "whole_process.py")
+whole_process = importlib.util.module_from_spec(wp_spec)
+wp_spec.loader.exec_module(whole_process)
+
+
+def test_whole_process_ratios_are_taken_round_by_round():
+    rounds = [{"round": 0, "case": "c", "impl": "ours", "wall_s": 10.0, "seconds": {"steps": 8.0}},
+              {"round": 0, "case": "c", "impl": "seed_ref", "wall_s": 60.0},
+              {"round": 1, "case": "c", "impl": "ours", "wall_s": 20.0, "seconds": {"steps": 16.0}},
+              {"round": 1, "case": "c", "impl": "seed_ref", "wall_s": 80.0},
+              {"round": 2, "case": "c", "impl": "ours", "failed": "over the limit"}]
+    (row,) = whole_process.summarize(rounds)
+    assert row["ratios"] == [6.0, 4.0] and row["ratio"] == 5.0
+    assert row["ours_wall_s"] == 15.0 and row["seed_ref_wall_s"] == 70.0 and row["ours_seconds"] == {"steps": 12.0}
+    assert "| c | 70.0 | 15.0 | 5.00 (6.00, 4.00) | 12.0 |" in whole_process.markdown([row])
+
+
+def test_whole_process_benchmark_runs_end_to_end(tmp_path):
+    from test_data import write_image
+
+    for split, n in (("train", 8), ("test", 4)):
+        for i in range(n):
+            write_image(tmp_path / "imgs" / split / f"{i}.png")
+    reference = tmp_path / "reference.py"  # a stand-in trainer: checks its arguments, then idles
+    reference.write_text("import sys, time\nassert sys.argv[2:4] == ['--arch', 'small'] and '--epochs' in sys.argv\n"
+                         "time.sleep(0.5)\n")
+    out = tmp_path / "wp.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "whole_process.py"), "--data", str(tmp_path / "imgs"),
+                    "--seed_ref", str(reference), "--case", "vq_ema:16", "--case", "ba_vq:16:2", "--batch", "4",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert [(r["case"], r["impl"]) for r in result["rounds"]] == [
+        ("vq_ema K=16", "ours"), ("vq_ema K=16", "seed_ref"), ("ba_vq K=16 ba_iters=2", "ours"),
+        ("ba_vq K=16 ba_iters=2", "seed_ref")]
+    for r in result["rounds"]:
+        assert "failed" not in r and r["wall_s"] > 0 and r["peak_rss_gib"] > 0
+    for row in result["rows"]:
+        assert set(row["ours_seconds"]) == set(vqvae.PHASES) | {"outside_train"}
+        assert row["ratio"] == pytest.approx(row["seed_ref_wall_s"] / row["ours_wall_s"])
