@@ -179,6 +179,7 @@ CHOICES = {
     "ba_codebook_update": ("grad", "ema", "grad_ema"),
     "ba_eval": ("prior", "batch"),
     "ba_output": ("hard", "soft"),
+    "beta_units": ("absolute", "relative"),
     "grad_estimator": ("ste", "rotation"),
     "augment": ("none", "crop_flip"),
     "pixel_range": ("signed", "unit"),
@@ -233,6 +234,9 @@ class Config:
     beta_start: float = _opt(0.5, "inverse temperature β at the start of training")
     beta_end: float = _opt(3.0, "β at the end of training (β_end < β_start anneals in reverse)")
     beta_schedule: str = _opt("step", "update β by the cosine schedule every optimizer step or once per epoch")
+    beta_units: str = _opt("absolute", "what β multiplies: absolute (‖e − c‖² as it is) or relative (‖e − c‖² / σ, σ a "
+                                       "running mean of the squared distance from each latent to its code, so β is "
+                                       "dimensionless and one schedule means the same whatever scale the encoder picks)")
     ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass")
     ba_prior: str = _opt("uniform", "initial marginal Q of each forward: uniform (1/K) or running (EMA over batches)")
     ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
@@ -658,6 +662,7 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 # entries (64 MiB) and recomputes it chunk by chunk when it is larger.
 CHUNK_ELEMENTS = 2**19
 PRIOR_FLOOR = 1e-20  # smallest running-prior share a code keeps (its log stays finite)
+SCALE_DECAY = 0.99   # EMA decay of σ, BA's distance unit with beta_units relative
 GPU_CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_ROWS = 32
 KEEP_ELEMENTS = 2**24
@@ -1021,7 +1026,12 @@ class BAVQ(Quantizer):
     plain definition, ba_fast_path false) or BAEStep (its hand-derived backward), both in row
     chunks, so memory is O(chunk × K) whatever N is. At evaluation the code is the
     hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code), or, with ba_eval
-    batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training."""
+    batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training.
+
+    With beta_units relative, d is ‖e − c_k‖² / σ, σ the running mean squared distance from a latent
+    to its code (set from the nearest codes at the first training step, then an EMA of each batch's
+    mean distance to the assigned codes). The E/M steps then run on e/√σ and c/√σ, whose squared
+    distances are d / σ, with the same β: every E-step variant keeps its exact semantics."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps,
@@ -1034,12 +1044,32 @@ class BAVQ(Quantizer):
         self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
         self.e_step = BAEStep.apply if cfg.ba_fast_path else ba_e_step
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
+        self.relative_beta = cfg.beta_units == "relative"
+        self.register_buffer("distance_scale", torch.ones(()))  # σ; measured at the first training step
+        self.scale_measured = False
 
     def get_extra_state(self):
-        return {"beta": self.beta}
+        return {"beta": self.beta, "scale_measured": self.scale_measured}
 
     def set_extra_state(self, state):
         self.beta = state["beta"]
+        self.scale_measured = state.get("scale_measured", False)  # checkpoints from before beta_units
+
+    def distance_unit(self, z: torch.Tensor, codebook: torch.Tensor) -> Optional[torch.Tensor]:
+        """1/√σ (a 0-d tensor) with beta_units relative, else None. Before σ has been measured (the
+        first training step) it is the mean squared distance from z (N, D) to the nearest codes,
+        kept when training."""
+        if not self.relative_beta:
+            return None
+        if not self.scale_measured:
+            with torch.no_grad():
+                d = (z - codebook[nearest_code(z, codebook)]).pow(2).sum(1).mean()
+                d = all_reduce_(d.clone()) / world()[1]
+            if not self.training:
+                return d.clamp_min(1e-12).rsqrt()
+            self.distance_scale.copy_(d)
+            self.scale_measured = True
+        return self.distance_scale.clamp_min(1e-12).rsqrt()
 
     def log_prior(self) -> torch.Tensor:
         """log Q at the start of each forward, (K,). The running prior is floored at PRIOR_FLOOR, so
@@ -1064,6 +1094,9 @@ class BAVQ(Quantizer):
 
     def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
+        unit = self.distance_unit(z, codebook)
+        if unit is not None:
+            z, codebook = z * unit, codebook * unit
         log_q = self.prior_after_iterations(z, codebook)
         return torch.softmax(ba_logits(z, codebook, codebook.pow(2).sum(1), log_q, self.beta), dim=1)
 
@@ -1071,20 +1104,30 @@ class BAVQ(Quantizer):
         with torch.autocast(z_e.device.type, enabled=False):
             z = flatten_latents(z_e).float()                                     # (N, D)
             shape = (z_e.shape[0], *z_e.shape[2:])
+            unit = self.distance_unit(z, self.codebook)                          # 1/√σ, or None
             if not self.training:
-                if self.eval_rule == "batch":     # argmax_k log Q_batch(k) − β·d = argmin_k d − log Q_batch(k) / β
-                    bias = self.prior_after_iterations(z, self.codebook) / self.beta
+                # argmax_k log Q(k) − β·d/σ = argmin_k ‖e − c_k‖² − σ·log Q(k) / β
+                sigma = 1.0 if unit is None else unit.pow(-2)
+                if self.eval_rule == "batch":
+                    scaled = (z, self.codebook) if unit is None else (z * unit, self.codebook * unit)
+                    bias = self.prior_after_iterations(*scaled) * sigma / self.beta
                 else:
-                    bias = self.log_prior() / self.beta if self.prior_mode == "running" else None
+                    bias = self.log_prior() * sigma / self.beta if self.prior_mode == "running" else None
                 idx = nearest_code(z, self.codebook, bias)
                 z_q = F.embedding(idx, self.codebook)
                 losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q)}
                 return unflatten_latents(z_q, z_e), losses, idx.view(shape)
             # with an EMA codebook, autograd must see a snapshot: the EMA changes the codebook in place
             codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
-            log_q = self.prior_after_iterations(z, codebook, grad=self.grad_through_iters)  # (K,)
-            z_q, Q, idx, sums = self.e_step(z, codebook, log_q, self.beta, self.output == "hard",
+            z_in, codebook_in = (z, codebook) if unit is None else (z * unit, codebook * unit)
+            log_q = self.prior_after_iterations(z_in, codebook_in, grad=self.grad_through_iters)  # (K,)
+            z_q, Q, idx, sums = self.e_step(z_in, codebook_in, log_q, self.beta, self.output == "hard",
                                             self.ema or self.centroid_ema)
+            if unit is not None:  # back from units of √σ
+                z_q, sums = z_q / unit, sums / unit
+                with torch.no_grad():
+                    d = (z.detach() - self.codebook[idx]).pow(2).sum(1).mean()
+                    self.distance_scale.lerp_(all_reduce_(d.clone()) / world()[1], 1 - SCALE_DECAY)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}

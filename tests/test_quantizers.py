@@ -290,6 +290,82 @@ def test_ba_entropy_loss_is_minus_weighted_entropy_of_Q():
     assert losses["entropy"].item() == pytest.approx(0.3 * (Q * Q.log()).sum().item(), rel=1e-5)
 
 
+def test_ba_relative_beta_sets_sigma_from_the_nearest_codes_then_follows_an_ema():
+    q = ba(beta=2.0, beta_units="relative")
+    z_e = latents()
+    z = vqvae.flatten_latents(z_e)
+    d = vqvae.squared_distances(z, q.codebook)
+    _, _, idx = q(z_e)                                  # first training step: σ measured, then one EMA step
+    nearest = d.min(1).values.mean()
+    assigned = d.gather(1, idx.reshape(-1, 1)).mean()
+    assert q.scale_measured
+    assert q.distance_scale.item() == pytest.approx((0.99 * nearest + 0.01 * assigned).item(), rel=1e-5)
+
+
+def test_ba_relative_beta_divides_distances_by_sigma():
+    """p(k|e) = softmax(log Q − β·‖e − c‖²/σ), and the soft output and its gradients are those of
+    the plain definition with β/σ, for both E-step paths."""
+    for fast in (True, False):
+        q = ba(beta=1.3, beta_units="relative", ba_output="soft", ba_iters=2, ba_fast_path=fast)
+        q.distance_scale.fill_(4.0)
+        q.scale_measured = True
+        z_e, w = latents(requires_grad=True), latents()
+        p_model = q.probabilities(vqvae.flatten_latents(z_e.detach()), q.codebook)  # before the step moves σ
+        (q(z_e)[0] * w).sum().backward()
+        z = vqvae.flatten_latents(z_e.detach()).double().requires_grad_()
+        c = q.codebook.detach().double().requires_grad_()
+        d = ((z[:, None, :] - c[None, :, :]) ** 2).sum(-1) / 4.0
+        Q1 = torch.softmax(-1.3 * d.detach(), 1).mean(0)           # M-step, without autograd (default)
+        p = torch.softmax(Q1.log() - 1.3 * d, 1)
+        ((p @ c) * vqvae.flatten_latents(w).double()).sum().backward()
+        torch.testing.assert_close(vqvae.flatten_latents(z_e.grad).double(), z.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(q.codebook.grad.double(), c.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p_model.double(), p.detach(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("units", ["relative", "absolute"])
+def test_ba_relative_beta_makes_assignments_independent_of_the_latent_scale(units):
+    """Scaling latents and codes by a scales every squared distance by a²: with relative units the
+    assignments, Q and the codes stay the same and z_q scales by a; with absolute units they do not."""
+    torch.manual_seed(5)
+    z_e = latents()
+    out = []
+    for a in (1.0, 7.0):
+        q = ba(beta=1.0, beta_units=units, ba_output="soft")
+        with torch.no_grad():
+            q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(6)) * a)
+        z_q, losses, idx = q(z_e * a)
+        out.append((z_q / a, losses["entropy"], idx, q.probabilities(vqvae.flatten_latents(z_e * a), q.codebook)))
+    (zq1, h1, i1, p1), (zq7, h7, i7, p7) = out
+    same = torch.allclose(p1, p7, atol=1e-5)
+    assert same == (units == "relative")
+    if units == "relative":
+        assert torch.equal(i1, i7) and torch.allclose(zq1, zq7, atol=1e-5) and torch.allclose(h1, h7, atol=1e-6)
+
+
+def test_ba_relative_beta_eval_code_with_running_prior():
+    q = ba(beta=2.0, beta_units="relative", ba_prior="running")
+    Q = torch.rand(q.codebook_size)
+    q.prior.copy_(Q / Q.sum())
+    q.distance_scale.fill_(0.25)
+    q.scale_measured = True
+    q.eval()
+    z_e = latents()
+    _, _, idx = q(z_e)
+    z = vqvae.flatten_latents(z_e)
+    expected = (q.prior.log() - 2.0 * vqvae.squared_distances(z, q.codebook) / 0.25).argmax(1)
+    assert torch.equal(idx.flatten(), expected)
+    assert q.distance_scale.item() == 0.25  # evaluation does not move σ
+
+
+def test_ba_relative_beta_sigma_survives_a_state_dict_round_trip():
+    q = ba(beta=1.0, beta_units="relative")
+    q(latents())
+    r = make("ba_vq", beta_units="relative")
+    r.load_state_dict(q.state_dict())
+    assert r.scale_measured and torch.equal(r.distance_scale, q.distance_scale)
+
+
 def saved_nk_elements(q, z_e, at_least):
     """Elements of the distinct tensors of at least `at_least` elements that autograd keeps for
     the backward pass."""

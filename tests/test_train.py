@@ -96,6 +96,7 @@ def test_existing_results_are_not_overwritten(tmp_path):
     ("vq_ema", {}),
     ("ba_vq", {"ba_prior": "running"}),
     ("vq_ema", {"grad_estimator": "rotation", "dead_code_threshold": 2.0}),  # re-seeding draws from the RNG
+    ("ba_vq", {"beta_units": "relative"}),  # σ and whether it was measured travel in the checkpoint
 ])
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch, quantizer, extra):
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=3, **extra)
