@@ -1071,6 +1071,11 @@ class BAVQ(Quantizer):
             self.scale_measured = True
         return self.distance_scale.clamp_min(1e-12).rsqrt()
 
+    @staticmethod
+    def in_units(z: torch.Tensor, codebook: torch.Tensor, unit: Optional[torch.Tensor]) -> tuple:
+        """z and codebook measured in units of √σ (unchanged with absolute β)."""
+        return (z, codebook) if unit is None else (z * unit, codebook * unit)
+
     def log_prior(self) -> torch.Tensor:
         """log Q at the start of each forward, (K,). The running prior is floored at PRIOR_FLOOR, so
         a code whose share underflowed keeps a finite log Q and can come back."""
@@ -1094,9 +1099,7 @@ class BAVQ(Quantizer):
 
     def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
-        unit = self.distance_unit(z, codebook)
-        if unit is not None:
-            z, codebook = z * unit, codebook * unit
+        z, codebook = self.in_units(z, codebook, self.distance_unit(z, codebook))
         log_q = self.prior_after_iterations(z, codebook)
         return torch.softmax(ba_logits(z, codebook, codebook.pow(2).sum(1), log_q, self.beta), dim=1)
 
@@ -1109,8 +1112,7 @@ class BAVQ(Quantizer):
                 # argmax_k log Q(k) − β·d/σ = argmin_k ‖e − c_k‖² − σ·log Q(k) / β
                 sigma = 1.0 if unit is None else unit.pow(-2)
                 if self.eval_rule == "batch":
-                    scaled = (z, self.codebook) if unit is None else (z * unit, self.codebook * unit)
-                    bias = self.prior_after_iterations(*scaled) * sigma / self.beta
+                    bias = self.prior_after_iterations(*self.in_units(z, self.codebook, unit)) * sigma / self.beta
                 else:
                     bias = self.log_prior() * sigma / self.beta if self.prior_mode == "running" else None
                 idx = nearest_code(z, self.codebook, bias)
@@ -1119,7 +1121,7 @@ class BAVQ(Quantizer):
                 return unflatten_latents(z_q, z_e), losses, idx.view(shape)
             # with an EMA codebook, autograd must see a snapshot: the EMA changes the codebook in place
             codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
-            z_in, codebook_in = (z, codebook) if unit is None else (z * unit, codebook * unit)
+            z_in, codebook_in = self.in_units(z, codebook, unit)
             log_q = self.prior_after_iterations(z_in, codebook_in, grad=self.grad_through_iters)  # (K,)
             z_q, Q, idx, sums = self.e_step(z_in, codebook_in, log_q, self.beta, self.output == "hard",
                                             self.ema or self.centroid_ema)
