@@ -350,17 +350,18 @@ def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=Non
 def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     """What β competes with in a finished run, on its first n validation images: the median squared
     distance of a latent to its nearest code (d1), the median gap to the second nearest (d2 − d1),
-    β times that gap, and (BA with a running prior) the 10th, 50th and 90th percentile of log π over
+    β times that gap (over σ with relative or critical β units), and (BA with a running prior) the 10th, 50th and 90th percentile of log π over
     codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
     picks a latent's code."""
     model, cfg, test = saved_run(run_dir, data_dir)
     x = vqvae.normalize(vqvae.to_device_uint8(test[:n_images], torch.device("cpu")), cfg.pixel_range)
     with torch.no_grad():
-        z = vqvae.flatten_latents(model.encoder(x)).float()
+        z = vqvae.flatten_latents(model.encode(x)).float()
         nearest = vqvae.squared_distances(z, model.quantizer.codebook).topk(2, dim=1, largest=False).values  # (N, 2)
     out = {"d1": nearest[:, 0].median().item(), "gap": (nearest[:, 1] - nearest[:, 0]).median().item()}
     if cfg.quantizer == "ba_vq":
-        out["beta_gap"] = model.quantizer.beta * out["gap"]
+        sigma = model.quantizer.distance_scale.item() if cfg.beta_units != "absolute" else 1.0
+        out["beta_gap"] = model.quantizer.beta * out["gap"] / sigma  # β multiplies d/σ with relative or critical units
         if cfg.ba_prior == "running":
             log_pi = model.quantizer.log_prior()
             out["log_pi_percentiles"] = torch.quantile(log_pi, torch.tensor([0.1, 0.5, 0.9])).tolist()

@@ -178,8 +178,9 @@ CHOICES = {
     "ba_prior": ("uniform", "running"),
     "ba_codebook_update": ("grad", "ema", "grad_ema"),
     "ba_eval": ("prior", "batch"),
-    "ba_output": ("hard", "soft"),
-    "beta_units": ("absolute", "relative"),
+    "ba_output": ("hard", "soft", "ste"),
+    "beta_units": ("absolute", "relative", "critical"),
+    "latent_norm": ("none", "l2"),
     "grad_estimator": ("ste", "rotation"),
     "augment": ("none", "crop_flip"),
     "pixel_range": ("signed", "unit"),
@@ -215,6 +216,8 @@ class Config:
                               "code trained: DeepMind's sonnet VQ-VAE example, bottleneck residual blocks, ≈667k)")
     n_hid: Optional[int] = _opt(None, "hidden channels of the first conv (empty: 64 for small, 128 for resnet)")
     latent_dim: Optional[int] = _opt(None, "code dimension D (empty: 64 for small, 256 for resnet)")
+    latent_norm: str = _opt("none", "none, or l2: each encoder output vector scaled to unit length before the quantizer "
+                                    "(either quantizer; fixes the latents' scale by construction, codes are not constrained)")
     # --- quantizer, both kinds
     quantizer: str = _opt("vq_ema", "vq_ema (nearest code, EMA codebook) or ba_vq (Blahut–Arimoto soft assignments)")
     codebook_size: int = _opt(512, "number of codes K")
@@ -234,9 +237,11 @@ class Config:
     beta_start: float = _opt(0.5, "inverse temperature β at the start of training")
     beta_end: float = _opt(3.0, "β at the end of training (β_end < β_start anneals in reverse)")
     beta_schedule: str = _opt("step", "update β by the cosine schedule every optimizer step or once per epoch")
-    beta_units: str = _opt("absolute", "what β multiplies: absolute (‖e − c‖² as it is) or relative (‖e − c‖² / σ, σ a "
-                                       "running mean of the squared distance from each latent to its code, so β is "
-                                       "dimensionless and one schedule means the same whatever scale the encoder picks)")
+    beta_units: str = _opt("absolute", "what β multiplies: absolute (‖e − c‖² as it is), relative (‖e − c‖² / σ, σ a "
+                                       "running mean of the squared distance from each latent to its code) or critical "
+                                       "(σ = 2·λ_max, λ_max a running largest eigenvalue of the latents' covariance, so "
+                                       "β = 1 is deterministic annealing's first critical point); relative and critical "
+                                       "make β dimensionless: one schedule means the same whatever scale the encoder picks")
     ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass")
     ba_prior: str = _opt("uniform", "initial marginal Q of each forward: uniform (1/K) or running (EMA over batches)")
     ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
@@ -253,7 +258,9 @@ class Config:
                                  "depend on the other images of the batch and on eval_batch_size)")
     ba_fast_path: bool = _opt(True, "BA's last E-step by BAEStep, its hand-derived backward (faster, less memory); "
                                     "false: by ba_e_step, the plain autograd definition (edit that one)")
-    ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient) or soft (Σ p·c)")
+    ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient), soft (Σ p·c) or ste "
+                                  "(argmax code, straight-through gradient to the encoder as in vq_ema; p(k|e) still "
+                                  "sets Q, the entropy term and the codebook's update)")
     # --- training
     epochs: int = _opt(10, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); the β schedule spans the shortened run")
@@ -1028,9 +1035,11 @@ class BAVQ(Quantizer):
     hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code), or, with ba_eval
     batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training.
 
-    With beta_units relative, d is ‖e − c_k‖² / σ, σ the running mean squared distance from a latent
-    to its code (set from the nearest codes at the first training step, then an EMA of each batch's
-    mean distance to the assigned codes). The E/M steps then run on e/√σ and c/√σ, whose squared
+    With beta_units relative or critical, d is ‖e − c_k‖² / σ, σ a running scale of the latents
+    (an EMA of batch_scale, first set at the first training step): relative, the mean squared
+    distance from a latent to its code; critical, 2·λ_max of the latents' covariance, so β = 1 is
+    the first phase transition of deterministic annealing (Rose 1998: the assignment stops being
+    the same for every e at β·2λ_max = 1). The E/M steps then run on e/√σ and c/√σ, whose squared
     distances are d / σ, with the same β: every E-step variant keeps its exact semantics."""
 
     def __init__(self, cfg: Config):
@@ -1044,7 +1053,7 @@ class BAVQ(Quantizer):
         self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
         self.e_step = BAEStep.apply if cfg.ba_fast_path else ba_e_step
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
-        self.relative_beta = cfg.beta_units == "relative"
+        self.beta_units = cfg.beta_units
         self.register_buffer("distance_scale", torch.ones(()))  # σ; measured at the first training step
         self.scale_measured = False
 
@@ -1055,16 +1064,27 @@ class BAVQ(Quantizer):
         self.beta = state["beta"]
         self.scale_measured = state.get("scale_measured", False)  # checkpoints from before beta_units
 
+    @torch.no_grad()
+    def batch_scale(self, z: torch.Tensor, codebook: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This (global) batch's measure of σ, a 0-d tensor, from z (N, D): relative, the mean squared
+        distance to the codes idx (N,) (the nearest codes when idx is None); critical, 2·λ_max of
+        the covariance of z."""
+        if self.beta_units == "critical":
+            n = all_reduce_(z.new_tensor(float(z.shape[0])))
+            mean = all_reduce_(z.sum(0)) / n                                    # (D,)
+            cov = all_reduce_(z.t() @ z) / n - torch.outer(mean, mean)         # (D, D)
+            return 2 * torch.linalg.eigvalsh(cov.double())[-1].float()
+        idx = nearest_code(z, codebook) if idx is None else idx
+        d = (z - codebook[idx]).pow(2).sum(1).mean()
+        return all_reduce_(d.clone()) / world()[1]
+
     def distance_unit(self, z: torch.Tensor, codebook: torch.Tensor) -> Optional[torch.Tensor]:
-        """1/√σ (a 0-d tensor) with beta_units relative, else None. Before σ has been measured (the
-        first training step) it is the mean squared distance from z (N, D) to the nearest codes,
-        kept when training."""
-        if not self.relative_beta:
+        """1/√σ (a 0-d tensor) with beta_units relative or critical, else None. Before σ has been
+        measured (the first training step) σ is this batch's batch_scale, kept when training."""
+        if self.beta_units == "absolute":
             return None
         if not self.scale_measured:
-            with torch.no_grad():
-                d = (z - codebook[nearest_code(z, codebook)]).pow(2).sum(1).mean()
-                d = all_reduce_(d.clone()) / world()[1]
+            d = self.batch_scale(z, codebook)
             if not self.training:
                 return d.clamp_min(1e-12).rsqrt()
             self.distance_scale.copy_(d)
@@ -1123,13 +1143,11 @@ class BAVQ(Quantizer):
             codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
             z_in, codebook_in = self.in_units(z, codebook, unit)
             log_q = self.prior_after_iterations(z_in, codebook_in, grad=self.grad_through_iters)  # (K,)
-            z_q, Q, idx, sums = self.e_step(z_in, codebook_in, log_q, self.beta, self.output == "hard",
+            z_q, Q, idx, sums = self.e_step(z_in, codebook_in, log_q, self.beta, self.output != "soft",
                                             self.ema or self.centroid_ema)
             if unit is not None:  # back from units of √σ
                 z_q, sums = z_q / unit, sums / unit
-                with torch.no_grad():
-                    d = (z.detach() - self.codebook[idx]).pow(2).sum(1).mean()
-                    self.distance_scale.lerp_(all_reduce_(d.clone()) / world()[1], 1 - SCALE_DECAY)
+                self.distance_scale.lerp_(self.batch_scale(z.detach(), self.codebook, idx), 1 - SCALE_DECAY)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
@@ -1144,6 +1162,8 @@ class BAVQ(Quantizer):
             if self.prior_mode == "running":
                 with torch.no_grad():
                     self.prior.lerp_(Q, 1 - self.prior_decay)
+            if self.output == "ste":  # the decoder's gradient reaches the encoder unchanged, as in vq_ema
+                z_q = z + (z_q - z).detach()
             return unflatten_latents(z_q, z_e), losses, idx.view(shape)
 
 
@@ -1174,10 +1194,17 @@ class VQVAE(nn.Module):
         self.quantizer = make_quantizer(cfg)
         self.decoder = make_decoder(cfg.arch, cfg.n_hid, cfg.latent_dim)
         self.pixel_range = cfg.pixel_range  # what normalize() must give this model
+        self.latent_norm = cfg.latent_norm
+
+    def encode(self, x):
+        """x → z_e (B, D, 8, 8), the quantizer's input: the encoder's output, with latent_norm l2 each
+        D-vector scaled to unit length."""
+        z_e = self.encoder(x)
+        return F.normalize(z_e, dim=1) if self.latent_norm == "l2" else z_e
 
     def forward(self, x):
         """x (B, 3, 32, 32) in the model's pixel range → x_hat, {loss name: scalar}, indices (B, 8, 8)."""
-        z_e = self.encoder(x)
+        z_e = self.encode(x)
         z_q, losses, idx = self.quantizer(z_e)
         x_hat = self.decoder(z_q)
         return x_hat, {"recon": F.mse_loss(x_hat.float(), x), **losses}, idx
@@ -1677,7 +1704,7 @@ def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, ge
         picks = torch.randperm(len(x_train), generator=generator, device=generator.device).to(x_train.device)
     vectors, have = [], 0
     for start in range(0, len(images), cfg.batch_size):
-        z_e = model.encoder(normalize(images[picks[start:start + cfg.batch_size]], cfg.pixel_range))
+        z_e = model.encode(normalize(images[picks[start:start + cfg.batch_size]], cfg.pixel_range))
         vectors.append(flatten_latents(z_e).float())
         have += vectors[-1].shape[0]
         if have >= 4 * K:

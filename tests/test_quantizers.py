@@ -323,7 +323,7 @@ def test_ba_relative_beta_divides_distances_by_sigma():
         torch.testing.assert_close(p_model.double(), p.detach(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("units", ["relative", "absolute"])
+@pytest.mark.parametrize("units", ["relative", "critical", "absolute"])
 def test_ba_relative_beta_makes_assignments_independent_of_the_latent_scale(units):
     """Scaling latents and codes by a scales every squared distance by a²: with relative units the
     assignments, Q and the codes stay the same and z_q scales by a; with absolute units they do not."""
@@ -338,8 +338,8 @@ def test_ba_relative_beta_makes_assignments_independent_of_the_latent_scale(unit
         out.append((z_q / a, losses["entropy"], idx, q.probabilities(vqvae.flatten_latents(z_e * a), q.codebook)))
     (zq1, h1, i1, p1), (zq7, h7, i7, p7) = out
     same = torch.allclose(p1, p7, atol=1e-5)
-    assert same == (units == "relative")
-    if units == "relative":
+    assert same == (units != "absolute")
+    if units != "absolute":
         assert torch.equal(i1, i7) and torch.allclose(zq1, zq7, atol=1e-5) and torch.allclose(h1, h7, atol=1e-6)
 
 
@@ -364,6 +364,48 @@ def test_ba_relative_beta_sigma_survives_a_state_dict_round_trip():
     r = make("ba_vq", beta_units="relative")
     r.load_state_dict(q.state_dict())
     assert r.scale_measured and torch.equal(r.distance_scale, q.distance_scale)
+
+
+def test_ba_critical_beta_sigma_is_twice_the_largest_eigenvalue_of_the_latent_covariance():
+    q = ba(beta=1.0, beta_units="critical")
+    z = torch.randn(500, 4) @ torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.2])) + torch.tensor([5.0, -2.0, 0.0, 1.0])
+    z_e = z.t().reshape(1, 4, 1, 500)
+    cov = torch.cov(z.double().t(), correction=0)
+    lam = torch.linalg.eigvalsh(cov)[-1].item()
+    q(z_e)                                              # first step: σ = 2λ_max, then an EMA step of the same
+    assert q.distance_scale.item() == pytest.approx(2 * lam, rel=1e-4)
+
+
+@pytest.mark.parametrize("beta,splits", [(0.8, False), (1.25, True)])
+def test_ba_critical_beta_one_is_the_first_phase_transition(beta, splits):
+    """Deterministic annealing (Rose 1998) on fixed points: codes all at the data mean stay merged
+    under the fixed-point iteration c_k ← Σ_n p(k|e_n)·e_n / Σ_n p(k|e_n) below β = 1 in critical
+    units, and split along the principal axis above it."""
+    torch.manual_seed(0)
+    z = torch.randn(2000, 4) * torch.tensor([2.0, 1.0, 0.7, 0.5])
+    q = ba(beta=beta, beta_units="critical", codebook_size=4).eval()  # eval: σ measured on z, not stored
+    c = z.mean(0) + 1e-3 * torch.randn(4, 4)
+    for _ in range(300):
+        p = q.probabilities(z, c)                                  # (N, K)
+        c = (p.t() @ z) / p.sum(0).unsqueeze(1)
+    spread = (c - c.mean(0)).norm(dim=1).max().item()
+    assert (spread > 0.5) if splits else (spread < 1e-4)
+
+
+def test_ba_ste_output_is_the_code_with_the_identity_gradient_to_the_encoder():
+    """ba_output ste: the decoder sees the argmax code and the encoder gets the decoder's gradient
+    unchanged, while the codebook still learns through p(k|e) (its loss) as with ba_output hard."""
+    q = ba(beta=0.7, ba_output="ste")
+    z_e, w = latents(requires_grad=True), latents()
+    z_q, losses, idx = q(z_e)
+    assert torch.allclose(z_q, lookup(q.codebook, idx), atol=1e-6)
+    (z_q * w).sum().backward(retain_graph=True)
+    assert torch.allclose(z_e.grad, w) and q.codebook.grad is None
+    losses["codebook"].backward()
+    hard = ba(beta=0.7, ba_output="hard")
+    hard.codebook.data.copy_(q.codebook)
+    hard(z_e.detach())[1]["codebook"].backward()
+    assert q.codebook.grad is not None and torch.allclose(q.codebook.grad, hard.codebook.grad, atol=1e-6)
 
 
 def saved_nk_elements(q, z_e, at_least):

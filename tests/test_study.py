@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -169,6 +170,24 @@ def test_shipped_ba_study_is_the_published_design():
           for p in planned if p.cfg.quantizer == "vq_ema"}
     assert vq == {"baseline": (0.99, "ste", 0.0), "baseline_rotation": (0.99, "rotation", 0.0),
                   "baseline_dead_reset": (0.99, "ste", 1.0)}
+
+
+def test_shipped_ba_wins_shares_the_ba_study_recipe():
+    """sweeps/ba_wins.yaml: every run is a valid config; its VQ-EMA baselines are ba_study's own
+    (same resolved config but the study's name and directory), so the two studies' baselines are the same runs, and
+    every BA candidate has the same recipe with dimensionless β."""
+    _, wins = study.plan_sweep(ROOT / "sweeps" / "ba_wins.yaml")
+    _, ours = study.plan_sweep(ROOT / "sweeps" / "ba_study.yaml")
+    by_name = {p.run: dataclasses.replace(p.cfg, wandb_group="", out_dir="") for p in ours}
+    for name in ("baseline", "baseline_dead_reset"):
+        win = next(p.cfg for p in wins if p.run == name)
+        assert dataclasses.replace(win, wandb_group="", out_dir="") == by_name[name]
+    recipe = ("arch", "codebook_size", "latent_dim", "batch_size", "epochs", "lr", "weight_decay", "seed",
+              "codebook_init", "commitment_weight")
+    for p in wins:
+        assert [getattr(p.cfg, k) for k in recipe] == [getattr(by_name["baseline"], k) for k in recipe]
+        if p.cfg.quantizer == "ba_vq":
+            assert p.cfg.beta_units in ("relative", "critical")
 
 
 def test_wandb_runs_of_a_study_share_its_group(tmp_path, monkeypatch):

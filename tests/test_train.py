@@ -149,6 +149,8 @@ def test_kmeans_with_too_few_vectors_is_refused(tmp_path):
 @pytest.mark.parametrize("quantizer,extra", [
     ("ba_vq", dict(ba_iters=3, ba_codebook_update="ema", ba_output="soft", beta_schedule="epoch")),
     ("vq_ema", dict(codebook_init="uniform", precision="bf16", arch="resnet", n_hid=8, latent_dim=8)),
+    ("ba_vq", dict(ba_output="ste", beta_units="critical", latent_norm="l2", ba_prior="running")),
+    ("vq_ema", dict(latent_norm="l2", dead_code_threshold=1.0)),
 ])
 def test_other_options_train(tmp_path, quantizer, extra):
     final = vqvae.train(tiny_config(tmp_path, quantizer=quantizer, max_steps=3, **extra))
@@ -200,3 +202,25 @@ def test_load_model_reads_weights_only_and_asks_before_unpickling_a_full_checkpo
     with pytest.raises(vqvae.VQVAEError, match=r"weights-only .*trusted=True"):
         vqvae.load_model(run / "last.pt")                                      # RNG states need a full unpickle
     assert isinstance(vqvae.load_model(run / "last.pt", trusted=True), vqvae.VQVAE)
+
+
+@pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
+@pytest.mark.parametrize("norm", ["l2", "none"])
+def test_l2_latent_norm_puts_latents_on_the_unit_sphere_whatever_the_encoder_scale(tmp_path, quantizer, norm):
+    """latent_norm l2: every latent the quantizer sees has length one, so scaling the encoder's last
+    layer changes nothing downstream (codes, reconstruction); without it, it does."""
+    model = vqvae.build_model(tiny_config(tmp_path, quantizer=quantizer, latent_norm=norm), torch.device("cpu")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.quantizer.codebook.normal_()  # codes of unequal lengths: the nearest one depends on the latent's length
+        lengths = model.encode(x).norm(dim=1)
+        x_hat, _, idx = model(x)
+        last = model.encoder[-1]
+        last.weight.mul_(5.0)
+        last.bias.mul_(5.0)
+        x_hat5, _, idx5 = model(x)
+    if norm == "l2":
+        assert torch.allclose(lengths, torch.ones_like(lengths), atol=1e-5)
+        assert torch.equal(idx, idx5) and torch.allclose(x_hat, x_hat5, atol=1e-5)
+    else:
+        assert not torch.equal(idx, idx5)
