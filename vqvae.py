@@ -1149,6 +1149,8 @@ class BAVQ(Quantizer):
                 z_q, sums = z_q / unit, sums / unit
                 self.distance_scale.lerp_(self.batch_scale(z.detach(), self.codebook, idx), 1 - SCALE_DECAY)
             entropy = -(Q * Q.clamp_min(1e-30).log()).sum()                      # H(Q), nats
+            if self.entropy_weight == 0:  # no gradient through p(k|e) that would be multiplied by 0
+                entropy = entropy.detach()
             losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q.detach()),
                       "entropy": -self.entropy_weight * entropy}
             mass = Q.detach() * (z.shape[0] * world()[1])                       # (K,) global soft counts

@@ -521,3 +521,16 @@ def test_beta_schedule_endpoints_and_midpoint():
     assert {vqvae.beta_at(s, 30, 10, per_epoch) for s in range(10)} == {0.5}
     assert vqvae.beta_at(15, 30, 10, per_epoch) == pytest.approx(1.75)
     assert vqvae.beta_at(29, 30, 10, per_epoch) == pytest.approx(3.0)
+
+
+def test_ba_ste_with_ema_codebook_and_no_entropy_term_trains_the_encoder_like_vq_ema():
+    """ba_output ste, ba_codebook_update ema, entropy_weight 0: nothing reaches the encoder through
+    p(k|e), so its gradient is the decoder's (straight through) plus the commitment term, as in
+    vq_ema; and the codebook has no gradient (it moves by the soft EMA)."""
+    q = ba(beta=0.7, ba_output="ste", ba_codebook_update="ema", entropy_weight=0.0, commitment_weight=0.5)
+    z_e, w = latents(requires_grad=True), latents()
+    z_q, losses, _ = q(z_e)
+    ((z_q * w).sum() + sum(losses.values())).backward()
+    expected = w + 0.5 * 2 * (z_e - z_q).detach() / z_e.numel()
+    assert torch.allclose(z_e.grad, expected, atol=1e-6)
+    assert q.codebook.grad is None and "codebook" not in losses
