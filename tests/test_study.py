@@ -190,6 +190,24 @@ def test_shipped_ba_wins_shares_the_ba_study_recipe():
             assert p.cfg.beta_units in ("relative", "critical")
 
 
+def test_shipped_ba_collapse_is_the_published_ba_iters5_with_one_change_at_a_time():
+    """sweeps/ba_collapse.yaml: its control run is the published recipe's ba_iters5 (β held at
+    β_start, 200 steps); every other run differs from the control only in the keys it names."""
+    _, collapse = study.plan_sweep(ROOT / "sweeps" / "ba_collapse.yaml")
+    _, published = study.plan_sweep(ROOT / "sweeps" / "ba_study_published.yaml")
+    ignore = dict(wandb_group="", out_dir="", name="")
+    ba_iters5 = next(p.cfg for p in published if p.run == "ba_iters5")
+    control = next(p.cfg for p in collapse if p.run == "published")
+    assert dataclasses.replace(control, **ignore) == dataclasses.replace(
+        ba_iters5, beta_end=ba_iters5.beta_start, max_steps=200, epochs=1, **ignore)
+    runs = vqvae.read_yaml(ROOT / "sweeps" / "ba_collapse.yaml")["runs"]
+    for run, p in zip(runs, collapse):
+        named = {k: v for k, v in run.items() if k != "name"}
+        differ = {f.name for f in dataclasses.fields(vqvae.Config)
+                  if getattr(p.cfg, f.name) != getattr(control, f.name)} - set(ignore)
+        assert differ == {k for k, v in named.items() if getattr(control, k) != v}, p.run
+
+
 def test_wandb_runs_of_a_study_share_its_group(tmp_path, monkeypatch):
     inits = []
 
