@@ -185,21 +185,32 @@ def test_shipped_ba_wins_shares_the_ba_study_recipe():
     recipe = ("arch", "codebook_size", "latent_dim", "batch_size", "epochs", "lr", "weight_decay", "seed",
               "codebook_init", "commitment_weight")
     for p in wins:
-        assert [getattr(p.cfg, k) for k in recipe] == [getattr(by_name["baseline"], k) for k in recipe]
+        large = p.run.endswith("_k16384")  # the same recipe at K = 16,384
+        assert p.cfg.codebook_size == (16384 if large else 512)
+        assert [getattr(p.cfg, k) for k in recipe if k != "codebook_size"] == [
+            getattr(by_name["baseline"], k) for k in recipe if k != "codebook_size"]
         if p.cfg.quantizer == "ba_vq":
             assert p.cfg.beta_units in ("relative", "critical")
+    # each K = 16,384 run is its K = 512 namesake with K and the dead-code threshold scaled by 32
+    named = {p.run: p.cfg for p in wins}
+    for run, cfg in named.items():
+        if run.endswith("_k16384"):
+            small = named[run[:-len("_k16384")]]
+            assert cfg.dead_code_threshold == pytest.approx(small.dead_code_threshold / 32, rel=0.05)
+            assert dataclasses.replace(cfg, codebook_size=512, dead_code_threshold=small.dead_code_threshold,
+                                       name=small.name) == small
 
 
 def test_shipped_ba_collapse_is_the_published_ba_iters5_with_one_change_at_a_time():
     """sweeps/ba_collapse.yaml: its control run is the published recipe's ba_iters5 (β held at
-    β_start, 200 steps); every other run differs from the control only in the keys it names."""
+    β_start, 600 steps); every other run differs from the control only in the keys it names."""
     _, collapse = study.plan_sweep(ROOT / "sweeps" / "ba_collapse.yaml")
     _, published = study.plan_sweep(ROOT / "sweeps" / "ba_study_published.yaml")
     ignore = dict(wandb_group="", out_dir="", name="")
     ba_iters5 = next(p.cfg for p in published if p.run == "ba_iters5")
     control = next(p.cfg for p in collapse if p.run == "published")
     assert dataclasses.replace(control, **ignore) == dataclasses.replace(
-        ba_iters5, beta_end=ba_iters5.beta_start, max_steps=200, epochs=1, **ignore)
+        ba_iters5, beta_end=ba_iters5.beta_start, max_steps=600, epochs=2, **ignore)
     runs = vqvae.read_yaml(ROOT / "sweeps" / "ba_collapse.yaml")["runs"]
     for run, p in zip(runs, collapse):
         named = {k: v for k, v in run.items() if k != "name"}
