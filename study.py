@@ -380,3 +380,35 @@ def first_crossing(steps: list, values: list, level: float):
         if before is not None and after is not None and before < level <= after:
             return step
     return None
+
+
+def collapse_ends(steps: list, perplexity: list, level: float = 2.0, hold: int = 5):
+    """The first logged step from which the batch perplexity stays above `level` for `hold` logged
+    steps in a row: where a run that started on one or two codes per batch has left that state
+    (the first step itself if it never was in it; None if it never leaves)."""
+    run = 0
+    for i, value in enumerate(perplexity):
+        run = run + 1 if value is not None and value > level else 0
+        if run == hold:
+            return steps[i - hold + 1]
+    return None
+
+
+def critical_beta(z: torch.Tensor) -> float:
+    """1 / (2·λ_max) for latents z (N, D), λ_max the largest eigenvalue of their covariance: the β
+    (absolute units) below which Blahut–Arimoto's only fixed point puts every latent on one code at
+    the mean (Rose 1998, deterministic annealing's first critical point)."""
+    cov = torch.cov(z.double().t())
+    return 1.0 / (2.0 * torch.linalg.eigvalsh(cov)[-1].item())
+
+
+def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> float:
+    """critical_beta of the encoder outputs of the first n training images (uint8 numpy, N×32×32×3)
+    under cfg's encoder as training initialises it (same seed, same order of random draws), i.e.
+    where BA's β stands against the latents' scale at step 0."""
+    torch.manual_seed(cfg.seed)
+    vqvae.TrainState(cfg, torch.device("cpu"))
+    model = vqvae.build_model(dataclasses.replace(cfg, compile=False), torch.device("cpu")).eval()
+    x = vqvae.normalize(vqvae.to_device_uint8(images[:n_images], torch.device("cpu")), cfg.pixel_range)
+    with torch.no_grad():
+        return critical_beta(vqvae.flatten_latents(model.encode(x)).float())

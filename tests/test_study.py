@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import study
@@ -308,3 +309,39 @@ def test_a_run_saved_before_a_key_existed_still_counts_as_that_run(tmp_path, mon
     sweep(tmp_path)
     with pytest.raises(vqvae.VQVAEError, match="ba_fast_path: True there, False now"):
         sweep(tmp_path, ba_fast_path=False)
+
+
+def test_collapse_ends_is_the_first_step_of_a_long_enough_stretch_above_the_level():
+    steps = [10, 20, 30, 40, 50, 60, 70, 80]
+    # a short excursion above 2 (steps 30–40) does not count; the stretch from 50 on does
+    assert study.collapse_ends(steps, [1.0, 1.0, 3.0, 2.5, 1.0, 4.0, 5.0, 6.0], hold=3) == 60
+    assert study.collapse_ends(steps, [1.0, 1.0, 3.0, 2.5, 2.1, 1.0, 1.0, 1.0], hold=3) == 30
+    assert study.collapse_ends(steps, [9.0] * 8, hold=5) == 10            # never collapsed
+    assert study.collapse_ends(steps, [1.0] * 7 + [9.0], hold=2) is None   # never leaves
+    assert study.collapse_ends(steps, [3.0, 2.0, 3.0, 3.0], level=2.0, hold=2) == 30  # 2.0 is not above 2.0
+
+
+def test_critical_beta_is_one_over_twice_the_largest_variance():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    z = z @ rotation.t() + 5.0                            # a rotated, shifted copy: λ_max is still 4
+    assert study.critical_beta(z) == pytest.approx(1 / 8, rel=0.05)
+    assert study.critical_beta(3 * z) == pytest.approx(study.critical_beta(z) / 9, rel=1e-9)
+
+
+def test_critical_beta_at_init_sees_the_encoder_that_training_builds(tmp_path):
+    cfg = vqvae.load_config(overrides={"dataset": "synthetic", "synthetic_size": 64, "n_hid": 8, "latent_dim": 4,
+                                       "codebook_size": 8, "device": "cpu", "seed": 3, "batch_size": 32,
+                                       "epochs": 1, "max_steps": 1, "lr": 1e-12, "wandb": False,
+                                       "out_dir": str(tmp_path), "name": "init"})
+    images = vqvae.make_synthetic(64, seed=0)
+    first = study.critical_beta_at_init(cfg, images, n_images=32)
+    assert first == study.critical_beta_at_init(cfg, images, n_images=32)      # the seed fixes it
+    assert first != study.critical_beta_at_init(dataclasses.replace(cfg, seed=4), images, n_images=32)
+    # a run of that config with a learning rate of 1e-12 keeps its initial encoder: the same latents
+    vqvae.train(cfg)
+    model = vqvae.load_model(tmp_path / "init" / "final_model.pt").eval()
+    x = vqvae.normalize(vqvae.to_device_uint8(images[:32], torch.device("cpu")), cfg.pixel_range)
+    with torch.no_grad():
+        assert study.critical_beta(vqvae.flatten_latents(model.encode(x)).float()) == pytest.approx(first, rel=1e-6)
