@@ -412,3 +412,17 @@ def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> flo
     x = vqvae.normalize(vqvae.to_device_uint8(images[:n_images], torch.device("cpu")), cfg.pixel_range)
     with torch.no_grad():
         return critical_beta(vqvae.flatten_latents(model.encode(x)).float())
+
+
+def val_curve(records: list, run: str, key: str = "psnr") -> dict:
+    """A run's validation metric per epoch over its seeds (records from read_study): epoch (1-based),
+    mean and sample std (nan with one seed), over the seeds that reached that epoch, and n, how many did."""
+    per_seed = [[r for r in vqvae.read_history(rec["dir"]) if r["split"] == "val"]
+                for rec in records if rec["run"] == run]
+    epochs = sorted({v["epoch"] + 1 for rows in per_seed for v in rows})
+    out = {"epoch": epochs, "mean": [], "std": [], "n": []}
+    for epoch in epochs:
+        values = [v[key] for rows in per_seed for v in rows if v["epoch"] + 1 == epoch and v.get(key) is not None]
+        mean, std = mean_std(values)
+        out["mean"].append(mean), out["std"].append(std), out["n"].append(len(values))
+    return out

@@ -345,3 +345,18 @@ def test_critical_beta_at_init_sees_the_encoder_that_training_builds(tmp_path):
     x = vqvae.normalize(vqvae.to_device_uint8(images[:32], torch.device("cpu")), cfg.pixel_range)
     with torch.no_grad():
         assert study.critical_beta(vqvae.flatten_latents(model.encode(x)).float()) == pytest.approx(first, rel=1e-6)
+
+
+def test_val_curve_averages_each_epoch_over_the_seeds(tmp_path):
+    def history(name, psnrs):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [{"split": "train", "step": 1, "epoch": 0, "loss": 1.0}]
+        lines += [{"split": "val", "step": 10 * (e + 1), "epoch": e, "psnr": p} for e, p in enumerate(psnrs)]
+        (d / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return {"run": "a", "dir": d}
+    records = [history("a", [20.0, 22.0]), history("a_seed2", [21.0, 23.0, 24.0]), {"run": "b", "dir": tmp_path}]
+    curve = study.val_curve(records, "a")
+    assert curve["epoch"] == [1, 2, 3] and curve["n"] == [2, 2, 1]
+    assert curve["mean"][:2] == [20.5, 22.5] and curve["mean"][2] == 24.0
+    assert curve["std"][0] == pytest.approx(statistics.stdev([20.0, 21.0])) and curve["std"][2] != curve["std"][2]
