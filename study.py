@@ -426,3 +426,33 @@ def val_curve(records: list, run: str, key: str = "psnr") -> dict:
         mean, std = mean_std(values)
         out["mean"].append(mean), out["std"].append(std), out["n"].append(len(values))
     return out
+
+
+def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, data_dir=None) -> list[dict]:
+    """How the encoder's reconstruction gradient through BA's soft path (ba_output hard: the code
+    forward, the gradient of Σ_k p(k|e)·c_k backward) compares with the straight-through one, for a
+    finished BA run's model at each β of `betas` (its own units), on its first n training images.
+    Per β: the cosine between the two gradients w.r.t. z_e, the ratio of their norms, and the share of
+    the soft-path gradient's squared norm carried by the 1% of latents with the largest gradient.
+    Only the reconstruction loss; every β and output starts from the saved model."""
+    import copy
+    model, cfg, _ = saved_run(run_dir, data_dir)
+    train = vqvae.load_dataset(cfg)[0]
+    x = vqvae.normalize(vqvae.to_device_uint8(train[:n_images], torch.device("cpu")), cfg.pixel_range)
+    rows = []
+    for beta in betas:
+        grads = {}
+        for output in ("hard", "ste"):
+            m = copy.deepcopy(model).train()  # a training forward moves EMA statistics, σ and the prior
+            m.quantizer.output, m.quantizer.beta = output, float(beta)
+            z_e = m.encoder(x).detach().requires_grad_(True)
+            z_q, _, _ = m.quantizer(z_e)
+            torch.nn.functional.mse_loss(m.decoder(z_q), x).backward()
+            grads[output] = vqvae.flatten_latents(z_e.grad).double()            # (N, D)
+        soft, ste = grads["hard"], grads["ste"]
+        per_latent = soft.pow(2).sum(1).sort(descending=True).values
+        rows.append({"beta": float(beta),
+                     "cosine": torch.nn.functional.cosine_similarity(soft.flatten(), ste.flatten(), dim=0).item(),
+                     "norm_ratio": (soft.norm() / ste.norm()).item(),
+                     "top1pct_share": (per_latent[: max(1, len(per_latent) // 100)].sum() / per_latent.sum()).item()})
+    return rows

@@ -360,3 +360,20 @@ def test_val_curve_averages_each_epoch_over_the_seeds(tmp_path):
     assert curve["epoch"] == [1, 2, 3] and curve["n"] == [2, 2, 1]
     assert curve["mean"][:2] == [20.5, 22.5] and curve["mean"][2] == 24.0
     assert curve["std"][0] == pytest.approx(statistics.stdev([20.0, 21.0])) and curve["std"][2] != curve["std"][2]
+
+
+def test_gradient_alignment_leaves_the_run_alone_and_compares_like_with_like(tmp_path):
+    cfg = vqvae.load_config(overrides={"dataset": "synthetic", "synthetic_size": 64, "n_hid": 8, "latent_dim": 4,
+                                       "codebook_size": 8, "device": "cpu", "batch_size": 32, "epochs": 1,
+                                       "quantizer": "ba_vq", "beta_units": "relative", "beta_start": 1.0,
+                                       "beta_end": 10.0, "wandb": False, "out_dir": str(tmp_path), "name": "ba"})
+    vqvae.train(cfg)
+    rows = study.gradient_alignment(tmp_path / "ba", betas=(1.0, 1000.0), n_images=16)
+    # each β starts from the saved model: a training forward at β = 1000 first changes nothing at β = 1
+    assert study.gradient_alignment(tmp_path / "ba", betas=(1000.0, 1.0), n_images=16)[1] == rows[0]
+    assert [r["beta"] for r in rows] == [1.0, 1000.0]
+    for r in rows:
+        assert -1.0 <= r["cosine"] <= 1.0 and r["norm_ratio"] > 0 and 0.0 < r["top1pct_share"] <= 1.0
+    # at a huge β p(k|e) is one-hot for almost every latent: the soft path's gradient all but vanishes
+    # there and sits on the few latents at a boundary between two codes
+    assert rows[1]["top1pct_share"] > rows[0]["top1pct_share"]
