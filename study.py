@@ -347,18 +347,28 @@ def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=Non
     return vqvae.evaluate(model, vqvae.to_device_uint8(test, torch.device(device)), cfg.eval_batch_size, cfg.precision)
 
 
+def critical_beta(z: torch.Tensor) -> float:
+    """1 / (2·λ_max) for latents z (N, D), λ_max the largest eigenvalue of their covariance: the β
+    (absolute units) below which Blahut–Arimoto's only fixed point puts every latent on one code at
+    the mean (Rose 1998, deterministic annealing's first critical point)."""
+    cov = torch.cov(z.double().t())
+    return 1.0 / (2.0 * torch.linalg.eigvalsh(cov)[-1].item())
+
+
 def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     """What β competes with in a finished run, on its first n validation images: the median squared
     distance of a latent to its nearest code (d1), the median gap to the second nearest (d2 − d1),
-    β times that gap (over σ with relative or critical β units), and (BA with a running prior) the 10th, 50th and 90th percentile of log π over
-    codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
+    β times that gap (over σ with relative or critical β units), the latents' critical β
+    (critical_beta: absolute units), and (BA with a running prior) the 10th, 50th and 90th
+    percentile of log π over codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
     picks a latent's code."""
     model, cfg, test = saved_run(run_dir, data_dir)
     x = vqvae.normalize(vqvae.to_device_uint8(test[:n_images], torch.device("cpu")), cfg.pixel_range)
     with torch.no_grad():
         z = vqvae.flatten_latents(model.encode(x)).float()
         nearest = vqvae.squared_distances(z, model.quantizer.codebook).topk(2, dim=1, largest=False).values  # (N, 2)
-    out = {"d1": nearest[:, 0].median().item(), "gap": (nearest[:, 1] - nearest[:, 0]).median().item()}
+    out = {"d1": nearest[:, 0].median().item(), "gap": (nearest[:, 1] - nearest[:, 0]).median().item(),
+           "critical_beta": critical_beta(z)}
     if cfg.quantizer == "ba_vq":
         sigma = model.quantizer.distance_scale.item() if cfg.beta_units != "absolute" else 1.0
         out["beta_gap"] = model.quantizer.beta * out["gap"] / sigma  # β multiplies d/σ with relative or critical units
@@ -392,14 +402,6 @@ def collapse_ends(steps: list, perplexity: list, level: float = 2.0, hold: int =
         if run == hold:
             return steps[i - hold + 1]
     return None
-
-
-def critical_beta(z: torch.Tensor) -> float:
-    """1 / (2·λ_max) for latents z (N, D), λ_max the largest eigenvalue of their covariance: the β
-    (absolute units) below which Blahut–Arimoto's only fixed point puts every latent on one code at
-    the mean (Rose 1998, deterministic annealing's first critical point)."""
-    cov = torch.cov(z.double().t())
-    return 1.0 / (2.0 * torch.linalg.eigvalsh(cov)[-1].item())
 
 
 def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> float:

@@ -290,7 +290,7 @@ def test_evaluate_saved_repeats_the_last_validation_and_takes_another_beta(tmp_p
 def test_distance_scale_reports_the_nearest_code_distances(tmp_path):
     sweep(tmp_path, ba_prior="running")
     scale = study.distance_scale(tmp_path / "exp" / "mini" / "ba", n_images=8)
-    assert 0 <= scale["d1"] and 0 <= scale["gap"]
+    assert 0 <= scale["d1"] and 0 <= scale["gap"] and scale["critical_beta"] > 0
     assert scale["beta_gap"] == pytest.approx(final(tmp_path / "exp" / "mini" / "ba")["beta"] * scale["gap"])
     low, mid, high = scale["log_pi_percentiles"]
     assert low <= mid <= high <= 0                                  # log of probabilities
