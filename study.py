@@ -20,6 +20,7 @@ This module also reads studies back (for --summarize and analyze.ipynb): read_st
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -322,14 +323,20 @@ def summarize(study_dir) -> list[dict]:
     return rows
 
 
-def saved_run(run_dir, data_dir=None, device="cpu"):
-    """A finished run's final model (eval mode), its config, and its validation images (uint8
-    numpy), found in data_dir when given instead of the run's own."""
+def saved_run(run_dir, data_dir=None, device="cpu", split="test"):
+    """A finished run's final model (eval mode), its config, and its validation images (or, with
+    split "train", its training images; uint8 numpy), found in data_dir when given instead of the
+    run's own."""
     run_dir = Path(run_dir)
     model = vqvae.load_model(run_dir / "final_model.pt", device)
     cfg = vqvae.load_config(base=vqvae.read_yaml(run_dir / "config.yaml"),
                             overrides={"data_dir": data_dir} if data_dir else None)
-    return model, cfg, vqvae.load_dataset(cfg)[1]
+    return model, cfg, vqvae.load_dataset(cfg)[0 if split == "train" else 1]
+
+
+def model_input(images, n_images: int, pixel_range: str) -> torch.Tensor:
+    """The first n images (uint8 numpy, N×32×32×3) as the model takes them, on the CPU."""
+    return vqvae.normalize(vqvae.to_device_uint8(images[:n_images], torch.device("cpu")), pixel_range)
 
 
 def evaluate_saved(run_dir, data_dir=None, beta=None, ba_eval=None, ba_prior=None, device="cpu") -> dict:
@@ -360,10 +367,10 @@ def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     distance of a latent to its nearest code (d1), the median gap to the second nearest (d2 − d1),
     β times that gap (over σ with relative or critical β units), the latents' critical β
     (critical_beta: absolute units), and (BA with a running prior) the 10th, 50th and 90th
-    percentile of log π over codes. Where β·(d2 − d1) is small next to the spread of log π, the prior, not the distance,
-    picks a latent's code."""
+    percentile of log π over codes. Where β·(d2 − d1) is small next to the spread of log π, the
+    prior, not the distance, picks a latent's code."""
     model, cfg, test = saved_run(run_dir, data_dir)
-    x = vqvae.normalize(vqvae.to_device_uint8(test[:n_images], torch.device("cpu")), cfg.pixel_range)
+    x = model_input(test, n_images, cfg.pixel_range)
     with torch.no_grad():
         z = vqvae.flatten_latents(model.encode(x)).float()
         nearest = vqvae.squared_distances(z, model.quantizer.codebook).topk(2, dim=1, largest=False).values  # (N, 2)
@@ -411,7 +418,7 @@ def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> flo
     torch.manual_seed(cfg.seed)
     vqvae.TrainState(cfg, torch.device("cpu"))
     model = vqvae.build_model(dataclasses.replace(cfg, compile=False), torch.device("cpu")).eval()
-    x = vqvae.normalize(vqvae.to_device_uint8(images[:n_images], torch.device("cpu")), cfg.pixel_range)
+    x = model_input(images, n_images, cfg.pixel_range)
     with torch.no_grad():
         return critical_beta(vqvae.flatten_latents(model.encode(x)).float())
 
@@ -437,10 +444,8 @@ def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, d
     Per β: the cosine between the two gradients w.r.t. z_e, the ratio of their norms, and the share of
     the soft-path gradient's squared norm carried by the 1% of latents with the largest gradient.
     Only the reconstruction loss; every β and output starts from the saved model."""
-    import copy
-    model, cfg, _ = saved_run(run_dir, data_dir)
-    train = vqvae.load_dataset(cfg)[0]
-    x = vqvae.normalize(vqvae.to_device_uint8(train[:n_images], torch.device("cpu")), cfg.pixel_range)
+    model, cfg, train = saved_run(run_dir, data_dir, split="train")
+    x = model_input(train, n_images, cfg.pixel_range)
     rows = []
     for beta in betas:
         grads = {}

@@ -342,7 +342,7 @@ def test_critical_beta_at_init_sees_the_encoder_that_training_builds(tmp_path):
     # a run of that config with a learning rate of 1e-12 keeps its initial encoder: the same latents
     vqvae.train(cfg)
     model = vqvae.load_model(tmp_path / "init" / "final_model.pt").eval()
-    x = vqvae.normalize(vqvae.to_device_uint8(images[:32], torch.device("cpu")), cfg.pixel_range)
+    x = study.model_input(images, 32, cfg.pixel_range)
     with torch.no_grad():
         assert study.critical_beta(vqvae.flatten_latents(model.encode(x)).float()) == pytest.approx(first, rel=1e-6)
 
