@@ -385,6 +385,24 @@ def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     return out
 
 
+def last_step_reseeds(run_dir) -> dict:
+    """How much of a run's final validation usage (code_counts.json) falls on codes that dead-code
+    re-seeding put on a training latent at the very last step. Such a code's EMA count is then
+    exactly dead_code_threshold; one that wins nothing in the next batch drops below it and moves
+    again, so unused codes hop from latent to latent every step and may be counted as used at
+    evaluation without ever having been trained. Returns the number of those codes (reseeded), how
+    many of them the validation set used (used), all used codes (used_all), and the share of
+    validation latents assigned to them (share)."""
+    model = vqvae.load_model(Path(run_dir) / "final_model.pt")
+    quantizer = model.quantizer
+    if not quantizer.ema or quantizer.dead_code_threshold <= 0:
+        raise vqvae.VQVAEError(f"{run_dir}: no dead-code re-seeding (it needs an EMA codebook and dead_code_threshold > 0)")
+    fresh = quantizer.cluster_size == quantizer.dead_code_threshold             # (K,) re-seeded at the last step
+    counts = vqvae.read_code_counts(run_dir)
+    return {"reseeded": int(fresh.sum()), "used": int(((counts > 0) & fresh).sum()), "used_all": int((counts > 0).sum()),
+            "share": (counts[fresh].sum() / counts.sum()).item()}
+
+
 def train_curve(run_dir) -> dict:
     """The logged training steps of a run: step, batch perplexity, batch usage and (BA) β lists."""
     rows = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]

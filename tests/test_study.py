@@ -377,3 +377,24 @@ def test_gradient_alignment_leaves_the_run_alone_and_compares_like_with_like(tmp
     # at a huge β p(k|e) is one-hot for almost every latent: the soft path's gradient all but vanishes
     # there and sits on the few latents at a boundary between two codes
     assert rows[1]["top1pct_share"] > rows[0]["top1pct_share"]
+
+
+def test_last_step_reseeds_counts_the_codes_placed_at_the_final_step(tmp_path):
+    sweep(tmp_path, path=write_sweep(tmp_path, runs=[{"name": "vq", "quantizer": "vq_ema", "dead_code_threshold": 0.5},
+                                                     {"name": "plain", "quantizer": "vq_ema"},
+                                                     {"name": "all", "quantizer": "vq_ema", "dead_code_threshold": 1e9}]))
+    # a threshold no code reaches re-seeds every code at every step, the last one included
+    everything = study.last_step_reseeds(tmp_path / "exp" / "mini" / "all")
+    assert everything["reseeded"] == TINY["codebook_size"] and everything["share"] == 1.0
+    run = tmp_path / "exp" / "mini" / "vq"
+    # a hand-made end state: codes 0 and 1 re-seeded at the last step, code 0 used 3 times of 20
+    state = torch.load(run / "final_model.pt", weights_only=True)
+    size = state["model"]["quantizer.cluster_size"]
+    size.fill_(5.0)
+    size[:2] = 0.5
+    torch.save(state, run / "final_model.pt")
+    counts = [3, 0, 7, 10] + [0] * (TINY["codebook_size"] - 4)
+    (run / "code_counts.json").write_text(json.dumps({"counts": counts}))
+    assert study.last_step_reseeds(run) == {"reseeded": 2, "used": 1, "used_all": 3, "share": pytest.approx(3 / 20)}
+    with pytest.raises(vqvae.VQVAEError, match="no dead-code re-seeding"):
+        study.last_step_reseeds(tmp_path / "exp" / "mini" / "plain")
