@@ -441,6 +441,35 @@ def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> flo
         return critical_beta(vqvae.flatten_latents(model.encode(x)).float())
 
 
+def soft_spread_at_init(cfg: vqvae.Config, images, betas=(1.0,), n_images: int = 64) -> list[float]:
+    """How many codes BA's first E-step spreads a latent over: the median over the latents of the
+    first n training images (uint8 numpy, N×32×32×3) of exp(H(p(·|e))), the effective number of
+    codes, at each β (in cfg's beta_units; σ is then these latents' batch scale, as at step 0). The
+    encoder and the k-means codebook are the ones training starts from (same seeds, same draws);
+    the prior is uniform, as the running prior also is at step 0. cfg must be a ba_vq config."""
+    if cfg.quantizer != "ba_vq":
+        raise vqvae.VQVAEError(f"soft_spread_at_init needs a ba_vq config, got quantizer {cfg.quantizer}")
+    if cfg.codebook_init == "kmeans_val":
+        raise vqvae.VQVAEError("soft_spread_at_init fits the codebook on training images; codebook_init kmeans_val is not supported")
+    cfg = dataclasses.replace(cfg, compile=False)
+    torch.manual_seed(cfg.seed)
+    vqvae.TrainState(cfg, torch.device("cpu"))
+    model = vqvae.build_model(cfg, torch.device("cpu")).eval()
+    x_train = vqvae.to_device_uint8(images, torch.device("cpu"))
+    with torch.no_grad():
+        if cfg.codebook_init == "kmeans":
+            vqvae.init_codebook_from_data(model, x_train, cfg, torch.Generator().manual_seed(cfg.seed + 1))
+        z = vqvae.flatten_latents(model.encode(model_input(images, n_images, cfg.pixel_range))).float()
+        quantizer, spread = model.quantizer, []
+        quantizer.prior_mode = "uniform"
+        for beta in betas:
+            quantizer.beta = float(beta)
+            p = quantizer.probabilities(z, quantizer.codebook)                  # (N, K)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(1)                    # (N,) nats
+            spread.append(entropy.exp().median().item())
+    return spread
+
+
 def val_curve(records: list, run: str, key: str = "psnr") -> dict:
     """A run's validation metric per epoch over its seeds (records from read_study): epoch (1-based),
     mean and sample std (nan with one seed), over the seeds that reached that epoch, and n, how many did."""

@@ -398,3 +398,17 @@ def test_last_step_reseeds_counts_the_codes_placed_at_the_final_step(tmp_path):
     assert study.last_step_reseeds(run) == {"reseeded": 2, "used": 1, "used_all": 3, "share": pytest.approx(3 / 20)}
     with pytest.raises(vqvae.VQVAEError, match="no dead-code re-seeding"):
         study.last_step_reseeds(tmp_path / "exp" / "mini" / "plain")
+
+
+def test_soft_spread_at_init_runs_from_all_codes_to_one_as_beta_grows():
+    cfg = vqvae.validate(vqvae.Config(**{**TINY, "quantizer": "ba_vq", "beta_units": "relative"}))
+    images = vqvae.make_synthetic(256, seed=0)
+    K = cfg.codebook_size
+    tiny, one, ten, huge = study.soft_spread_at_init(cfg, images, betas=(1e-9, 1.0, 10.0, 1e6), n_images=16)
+    assert tiny == pytest.approx(K, rel=1e-4)                # β → 0: p(k|e) uniform over the K codes
+    assert huge == pytest.approx(1.0, abs=1e-4)              # β → ∞: the nearest code alone
+    assert K > one > ten > 1.0
+    again = study.soft_spread_at_init(cfg, images, betas=(1.0,), n_images=16)
+    assert again == [one]                                    # the same seeds give the same initial state
+    with pytest.raises(vqvae.VQVAEError, match="ba_vq"):
+        study.soft_spread_at_init(dataclasses.replace(cfg, quantizer="vq_ema"), images)
