@@ -429,13 +429,19 @@ def collapse_ends(steps: list, perplexity: list, level: float = 2.0, hold: int =
     return None
 
 
+def initial_model(cfg: vqvae.Config) -> vqvae.VQVAE:
+    """cfg's model on the CPU, in eval mode, with the weights training starts from (same seed, same
+    order of random draws; the codebook before its k-means initialisation)."""
+    torch.manual_seed(cfg.seed)
+    vqvae.TrainState(cfg, torch.device("cpu"))
+    return vqvae.build_model(dataclasses.replace(cfg, compile=False), torch.device("cpu")).eval()
+
+
 def critical_beta_at_init(cfg: vqvae.Config, images, n_images: int = 512) -> float:
     """critical_beta of the encoder outputs of the first n training images (uint8 numpy, N×32×32×3)
     under cfg's encoder as training initialises it (same seed, same order of random draws), i.e.
     where BA's β stands against the latents' scale at step 0."""
-    torch.manual_seed(cfg.seed)
-    vqvae.TrainState(cfg, torch.device("cpu"))
-    model = vqvae.build_model(dataclasses.replace(cfg, compile=False), torch.device("cpu")).eval()
+    model = initial_model(cfg)
     x = model_input(images, n_images, cfg.pixel_range)
     with torch.no_grad():
         return critical_beta(vqvae.flatten_latents(model.encode(x)).float())
@@ -451,10 +457,7 @@ def soft_spread_at_init(cfg: vqvae.Config, images, betas=(1.0,), n_images: int =
         raise vqvae.VQVAEError(f"soft_spread_at_init needs a ba_vq config, got quantizer {cfg.quantizer}")
     if cfg.codebook_init == "kmeans_val":
         raise vqvae.VQVAEError("soft_spread_at_init fits the codebook on training images; codebook_init kmeans_val is not supported")
-    cfg = dataclasses.replace(cfg, compile=False)
-    torch.manual_seed(cfg.seed)
-    vqvae.TrainState(cfg, torch.device("cpu"))
-    model = vqvae.build_model(cfg, torch.device("cpu")).eval()
+    model = initial_model(cfg)
     x_train = vqvae.to_device_uint8(images, torch.device("cpu"))
     with torch.no_grad():
         if cfg.codebook_init == "kmeans":
