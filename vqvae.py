@@ -176,6 +176,7 @@ CHOICES = {
     "codebook_init": ("kmeans", "uniform", "kmeans_val"),
     "beta_schedule": ("step", "epoch"),
     "ba_prior": ("uniform", "running"),
+    "ba_reseed_prior": ("keep", "uniform"),
     "ba_codebook_update": ("grad", "ema", "grad_ema"),
     "ba_eval": ("prior", "batch"),
     "ba_output": ("hard", "soft", "ste"),
@@ -245,6 +246,8 @@ class Config:
     ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass")
     ba_prior: str = _opt("uniform", "initial marginal Q of each forward: uniform (1/K) or running (EMA over batches)")
     ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
+    ba_reseed_prior: str = _opt("keep", "running-prior share of a code re-seeded by dead_code_threshold: keep (the "
+                                        "share it had decayed to) or uniform (1/K, then the prior is renormalised)")
     entropy_weight: float = _opt(0.01, "weight of −H(Q), rewarding a spread-out code marginal")
     codebook_weight: float = _opt(1.0, "weight of ‖sg(z_e) − z_q‖² moving codes (ba_codebook_update grad)")
     ba_codebook_update: str = _opt("grad", "codes move by gradient (grad), by an EMA of soft-weighted encoder outputs "
@@ -384,6 +387,10 @@ def validate(cfg: Config) -> Config:
         raise VQVAEError("grad_estimator rotation applies to vq_ema only; ba_vq's gradient flows through p(k|e)")
     if cfg.dead_code_threshold > 0 and cfg.quantizer == "ba_vq" and cfg.ba_codebook_update != "ema":
         raise VQVAEError("dead_code_threshold needs an EMA codebook: vq_ema, or ba_vq with ba_codebook_update ema")
+    if cfg.ba_reseed_prior != "keep" and not (cfg.quantizer == "ba_vq" and cfg.ba_prior == "running"
+                                               and cfg.dead_code_threshold > 0):
+        raise VQVAEError("ba_reseed_prior uniform needs a prior to reset and codes to re-seed: "
+                         "quantizer ba_vq, ba_prior running and dead_code_threshold > 0")
     preset = ARCH_PRESETS[cfg.arch]
     return dataclasses.replace(cfg, n_hid=cfg.n_hid or preset["n_hid"], latent_dim=cfg.latent_dim or preset["latent_dim"])
 
@@ -862,17 +869,19 @@ class Quantizer(nn.Module):
             self.reseed_dead_codes(z)
 
     @torch.no_grad()
-    def reseed_dead_codes(self, z: torch.Tensor) -> None:
+    def reseed_dead_codes(self, z: torch.Tensor) -> torch.Tensor:
         """Codes whose EMA usage (cluster_size, in assignments per batch) fell below
         dead_code_threshold move to random rows of this batch's encoder outputs z (N, D), and their
         statistics restart at the threshold's mass, so a re-seeded code stays while it wins at least
-        that many vectors per batch. Branch-free: it never reads a value back from the device."""
+        that many vectors per batch. Returns which codes moved, (K,) bool. Branch-free: it never
+        reads a value back from the device."""
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)      # (K, 1)
         picks = z[torch.randint(z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
         broadcast_(picks)  # data-parallel: rank 0's draws, so every process's codebook stays the same
         self.cluster_size.masked_fill_(dead.squeeze(1), self.dead_code_threshold)
         self.embed_sum.copy_(torch.where(dead, picks * self.dead_code_threshold, self.embed_sum))
         self.codebook.copy_(torch.where(dead, picks, self.codebook))
+        return dead.squeeze(1)
 
 
 def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -1047,6 +1056,7 @@ class BAVQ(Quantizer):
                          cfg.dead_code_threshold)
         self.beta = cfg.beta_start  # a Python float set by the training loop; saved via extra state
         self.ba_iters, self.prior_mode, self.prior_decay = cfg.ba_iters, cfg.ba_prior, cfg.ba_prior_decay
+        self.reseed_prior = cfg.ba_reseed_prior
         self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
         self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
         self.centroid_ema = cfg.ba_codebook_update == "grad_ema"
@@ -1102,6 +1112,17 @@ class BAVQ(Quantizer):
         if self.prior_mode == "running":
             return self.prior.clamp_min(PRIOR_FLOOR).log()
         return torch.full_like(self.prior, -math.log(self.codebook_size))
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Quantizer.reseed_dead_codes; with ba_reseed_prior uniform a re-seeded code also restarts
+        at the prior share 1/K (then Q is renormalised), instead of entering the E-step with the
+        share it decayed to while it won nothing, which can hold it off its latent for many steps."""
+        dead = super().reseed_dead_codes(z)
+        if self.reseed_prior == "uniform":
+            self.prior.masked_fill_(dead, 1.0 / self.codebook_size)
+            self.prior.div_(self.prior.sum())
+        return dead
 
     def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain:

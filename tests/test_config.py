@@ -59,6 +59,9 @@ def test_bool_flags():
     (dict(quantizer="ba_vq", grad_estimator="rotation"), "grad_estimator rotation applies to vq_ema only"),
     (dict(dead_code_threshold=-1.0), "dead_code_threshold must be a finite number ≥ 0"),
     (dict(quantizer="ba_vq", dead_code_threshold=1.0), "dead_code_threshold needs an EMA codebook"),
+    (dict(quantizer="ba_vq", ba_codebook_update="ema", dead_code_threshold=1.0, ba_reseed_prior="uniform"),
+     "ba_reseed_prior uniform needs a prior to reset"),
+    (dict(ba_reseed_prior="reset"), "ba_reseed_prior: unknown value 'reset'"),
 ])
 def test_invalid_values_are_rejected(overrides, match):
     with pytest.raises(vqvae.VQVAEError, match=match):

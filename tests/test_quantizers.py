@@ -166,6 +166,22 @@ def test_ba_ema_codebook_reseeds_dead_codes():
         assert (q.codebook[k] == vqvae.flatten_latents(z_e)).all(1).any(), k
 
 
+@pytest.mark.parametrize("reseed_prior", ["keep", "uniform"])
+def test_ba_reseeded_codes_prior_share(reseed_prior):
+    """Codes 2 and 3 are dead: with keep their running-prior shares stay as they decayed; with
+    uniform they restart at 1/K = 0.25 and the prior is renormalised: (0.6, 0.39, 0.25, 0.25) / 1.49."""
+    q = make("ba_vq", codebook_size=4, latent_dim=2, ba_codebook_update="ema", dead_code_threshold=0.5,
+             ba_prior="running", ba_reseed_prior=reseed_prior).train()
+    before = torch.tensor([0.6, 0.39, 0.009, 0.001])
+    with torch.no_grad():
+        q.prior.copy_(before)
+        q.cluster_size.copy_(torch.tensor([5.0, 5.0, 0.1, 0.1]))
+    moved = q.reseed_dead_codes(torch.randn(8, 2))
+    assert moved.tolist() == [False, False, True, True]
+    expected = before if reseed_prior == "keep" else torch.tensor([0.6, 0.39, 0.25, 0.25]) / 1.49
+    assert torch.allclose(q.prior, expected) and torch.isclose(q.prior.sum(), torch.tensor(1.0))
+
+
 # --- BA ----------------------------------------------------------------------------------------
 
 
