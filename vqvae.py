@@ -1117,7 +1117,7 @@ class BAVQ(Quantizer):
     def reseed_dead_codes(self, z: torch.Tensor) -> torch.Tensor:
         """Quantizer.reseed_dead_codes; with ba_reseed_prior uniform a re-seeded code also restarts
         at the prior share 1/K (then Q is renormalised), instead of entering the E-step with the
-        share it decayed to while it won nothing, which can hold it off its latent for many steps."""
+        share it decayed to while it won nothing."""
         dead = super().reseed_dead_codes(z)
         if self.reseed_prior == "uniform":
             self.prior.masked_fill_(dead, 1.0 / self.codebook_size)
