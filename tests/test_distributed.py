@@ -95,11 +95,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, quantizer,
     diff, key = max_difference(torch.load(one / "final_model.pt")["model"], torch.load(two / "final_model.pt")["model"])
     print(f"{quantizer} {extra}: largest relative parameter/buffer difference after 6 steps: {diff:.3g} ({key})")
     # Sums split across processes round differently; that is all, unless it tips a near-tied argmax
-    # and one latent takes another code (seen as a different batch perplexity in the logs).
+    # and one latent takes another code (seen as a different batch perplexity in the logs). Once one
+    # has, the two runs' parameters part by that much and later steps differ a little too.
     codes = [[r["perplexity"] for r in vqvae.read_history(d) if r["split"] == "train"] for d in (one, two)]
-    flips = sum(a != pytest.approx(b, rel=1e-9) for a, b in zip(*codes))
-    assert flips <= 2
-    assert diff < (1e-5 if flips == 0 else 1e-2)
+    assert codes[0][0] == pytest.approx(codes[1][0], rel=1e-9)  # the first step's codes come before any update
+    flipped = any(a != pytest.approx(b, rel=1e-9) for a, b in zip(*codes))
+    assert all(a == pytest.approx(b, rel=1e-2) for a, b in zip(*codes))
+    assert diff < (1e-2 if flipped else 1e-5)
     f1, f2 = (json.loads((d / "final_metrics.json").read_text()) for d in (one, two))
     assert f1["perplexity"] == pytest.approx(f2["perplexity"], rel=1e-3) and f1["psnr"] == pytest.approx(f2["psnr"], abs=1e-3)
     assert sum(json.loads((two / "code_counts.json").read_text())["counts"]) == 64 * 64  # the whole validation set
