@@ -358,8 +358,9 @@ def critical_beta(z: torch.Tensor) -> float:
     """1 / (2·λ_max) for latents z (N, D), λ_max the largest eigenvalue of their covariance: the β
     (absolute units) below which Blahut–Arimoto's only fixed point puts every latent on one code at
     the mean (Rose 1998, deterministic annealing's first critical point)."""
-    cov = torch.cov(z.double().t())
-    return 1.0 / (2.0 * torch.linalg.eigvalsh(cov)[-1].item())
+    with vqvae.host_math():
+        cov = torch.cov(z.cpu().double().t())
+        return 1.0 / (2.0 * torch.linalg.eigvalsh(cov)[-1].item())
 
 
 def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
@@ -505,11 +506,12 @@ def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, d
             z_e = m.encoder(x).detach().requires_grad_(True)
             z_q, _, _ = m.quantizer(z_e)
             torch.nn.functional.mse_loss(m.decoder(z_q), x).backward()
-            grads[output] = vqvae.flatten_latents(z_e.grad).double()            # (N, D)
-        soft, ste = grads["hard"], grads["ste"]
-        per_latent = soft.pow(2).sum(1).sort(descending=True).values
-        rows.append({"beta": float(beta),
-                     "cosine": torch.nn.functional.cosine_similarity(soft.flatten(), ste.flatten(), dim=0).item(),
-                     "norm_ratio": (soft.norm() / ste.norm()).item(),
-                     "top1pct_share": (per_latent[: max(1, len(per_latent) // 100)].sum() / per_latent.sum()).item()})
+            grads[output] = vqvae.flatten_latents(z_e.grad).cpu()               # (N, D)
+        with vqvae.host_math():
+            soft, ste = grads["hard"].double(), grads["ste"].double()
+            per_latent = soft.pow(2).sum(1).sort(descending=True).values
+            rows.append({"beta": float(beta),
+                         "cosine": torch.nn.functional.cosine_similarity(soft.flatten(), ste.flatten(), dim=0).item(),
+                         "norm_ratio": (soft.norm() / ste.norm()).item(),
+                         "top1pct_share": (per_latent[: max(1, len(per_latent) // 100)].sum() / per_latent.sum()).item()})
     return rows

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import re
 import shlex
@@ -88,12 +89,58 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def device_caveats(cfg, device: torch.device, mac_version: str = "") -> list[str]:
+    """What the chosen device cannot do of cfg, checked before any work: raises VQVAEError for what
+    cannot run there, returns warnings for what runs without PyTorch's promise. mac_version is
+    platform.mac_ver()[0] (empty off macOS)."""
+    notes = []
+    if device.type == "mps":
+        major = int(mac_version.split(".")[0]) if mac_version.split(".")[0].isdigit() else 0
+        if cfg.precision == "bf16" and major < 14:
+            raise VQVAEError(f"precision bf16 on MPS needs macOS 14 or later (this is macOS {mac_version or '?'}): "
+                             f"MPS has bfloat16 from macOS 14 on; use --precision fp32")
+        if cfg.compile:
+            notes.append("compile on MPS: PyTorch's MPS compiler is a prototype (pytorch/pytorch#150121); if the first "
+                         "step fails, run without --compile")
+        if cfg.deterministic:
+            notes.append("deterministic on MPS: PyTorch promises no deterministic MPS kernels, so a resumed run continues "
+                         "the same data order and random streams but may not repeat the uninterrupted run's bits")
+    return notes
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so wall-clock timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+_host_math_depth = 0  # > 0 inside host_math()
+
+
+@contextlib.contextmanager
+def host_math():
+    """Marks arithmetic that runs on the CPU whatever the training device: the float64 sums of the
+    metrics and linear algebra that Apple's MPS lacks (it has no float64 at all). Work inside it on
+    .cpu() copies; tests/test_devices.py runs training under a check that refuses float64 anywhere else."""
+    global _host_math_depth
+    _host_math_depth += 1
+    try:
+        yield
+    finally:
+        _host_math_depth -= 1
+
+
+def in_host_math() -> bool:
+    return _host_math_depth > 0
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator for the random draws made for `device`: on the device itself (CPU, CUDA), or
+    on the CPU for MPS, whose device generators PyTorch does not fully support (pytorch/pytorch#110820)
+    and whose randperm is not uniform (#104315). Draws are made on generator.device, then moved."""
+    return torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -130,6 +177,14 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_host_(t: torch.Tensor) -> torch.Tensor:
+    """all_reduce_ of a CPU tensor (the metrics' float64 sums): NCCL reduces CUDA tensors only, so
+    there it makes the trip through the GPU (CUDA has float64; data-parallel runs never use MPS)."""
+    if world()[1] > 1 and dist.get_backend() == "nccl":
+        return t.copy_(all_reduce_(t.cuda()).cpu())
+    return all_reduce_(t)
 
 
 def all_reduce_logsumexp_(log_x: torch.Tensor) -> torch.Tensor:
@@ -579,8 +634,10 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, shard: tuple 
     bitwise once the generator's state is restored."""
     rank, n = shard
     B, C, H, W = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (2, n * B, 1), generator=generator, device=x.device)[:, rank * B:(rank + 1) * B]
-    flip = (torch.rand(n * B, 1, generator=generator, device=x.device) < 0.5)[rank * B:(rank + 1) * B]
+    draws = generator.device
+    offsets = torch.randint(0, 2 * pad + 1, (2, n * B, 1), generator=generator, device=draws)[:, rank * B:(rank + 1) * B]
+    flip = (torch.rand(n * B, 1, generator=generator, device=draws) < 0.5)[rank * B:(rank + 1) * B]
+    offsets, flip = offsets.to(x.device), flip.to(x.device)
     rows = offsets[0] + torch.arange(H, device=x.device)                                 # (B, H)
     cols = offsets[1] + torch.arange(W, device=x.device)                                 # (B, W)
     cols = torch.where(flip, cols.flip(1), cols)                     # a flipped image reads its columns backwards
@@ -811,14 +868,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         raise VQVAEError(f"k-means init needs at least K={k} vectors, got {n}")
     per_round = -(-k // KMEANS_SEEDING_ROUNDS)
     centers = x.new_empty(k, x.shape[1])
-    centers[:1] = x[torch.randint(n, (1,), generator=generator, device=x.device)]
+    centers[:1] = x[torch.randint(n, (1,), generator=generator, device=generator.device).to(x.device)]
     x2 = x.pow(2).sum(1, keepdim=True)  # once, not every round: at K = 16,384 that was most of the seeding
     min_d = squared_distances(x, centers[:1], x2)[:, 0]
     chosen = 1
     while chosen < k:
         # the floor keeps the draw defined when points already coincide with centres
         take = min(per_round, k - chosen)
-        new = x[torch.multinomial(min_d.clamp_min(1e-30), take, replacement=False, generator=generator)]
+        weights = min_d.clamp_min(1e-30).to(generator.device)
+        new = x[torch.multinomial(weights, take, replacement=False, generator=generator).to(x.device)]
         torch.minimum(min_d, squared_distances(x, new, x2).min(1).values, out=min_d)
         centers[chosen:chosen + take] = new
         chosen += take
@@ -1083,7 +1141,8 @@ class BAVQ(Quantizer):
             n = all_reduce_(z.new_tensor(float(z.shape[0])))
             mean = all_reduce_(z.sum(0)) / n                                    # (D,)
             cov = all_reduce_(z.t() @ z) / n - torch.outer(mean, mean)         # (D, D)
-            return 2 * torch.linalg.eigvalsh(cov.double())[-1].float()
+            with host_math():  # float64 eigvalsh, which MPS lacks
+                return 2 * torch.linalg.eigvalsh(cov.cpu().double())[-1].float().to(z.device)
         idx = nearest_code(z, codebook) if idx is None else idx
         d = (z - codebook[idx]).pow(2).sum(1).mean()
         return all_reduce_(d.clone()) / world()[1]
@@ -1278,14 +1337,16 @@ def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
 
 def perplexity(counts: torch.Tensor) -> float:
     """exp(entropy of the code histogram): K when codes are used uniformly, 1 when one code is."""
-    p = counts.double() / counts.sum()
-    p = p[p > 0]
-    return math.exp(-(p * p.log()).sum().item())
+    with host_math():
+        p = counts.cpu().double() / counts.sum().item()
+        p = p[p > 0]
+        return math.exp(-(p * p.log()).sum().item())
 
 
 def usage_rate(counts: torch.Tensor) -> float:
     """Fraction of codes used at least once."""
-    return (counts > 0).double().mean().item()
+    with host_math():
+        return (counts.cpu() > 0).double().mean().item()
 
 
 def codebook_metrics(counts: torch.Tensor) -> dict:
@@ -1311,12 +1372,16 @@ def batch_average_metrics(sse_pm1: torch.Tensor, counts: torch.Tensor, values_pe
     over the batches. sse_pm1 (n,): summed squared error of each batch's [−1, 1] tensors; counts
     (n, K): each batch's code histogram. Returns sums over the n batches (psnr_batch in [0, 1]
     pixels, perplexity_batch, usage_batch) and n, for the caller to add up across processes and
-    divide. A batch mean of PSNR is not the PSNR of the mean error: by Jensen it is higher."""
-    mse = sse_pm1.double() / values_per_batch / 4                                   # (n,) in [0, 1] pixels
-    p = counts.double() / counts.sum(1, keepdim=True)                               # (n, K)
-    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(1)           # (n,) nats
-    return {"psnr_batch": (-10 * mse.log10()).sum(), "perplexity_batch": entropy.exp().sum(),
-            "usage_batch": (counts > 0).double().mean(1).sum(), "batches": torch.tensor(float(len(mse)))}
+    divide. A batch mean of PSNR is not the PSNR of the mean error: by Jensen it is higher. On the host,
+    in float64, whatever device the inputs are on."""
+    with host_math():
+        sse_pm1, counts = sse_pm1.cpu(), counts.cpu()
+        mse = sse_pm1.double() / values_per_batch / 4                               # (n,) in [0, 1] pixels
+        p = counts.double() / counts.sum(1, keepdim=True)                           # (n, K)
+        entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(1)       # (n,) nats
+        return {"psnr_batch": (-10 * mse.log10()).sum(), "perplexity_batch": entropy.exp().sum(),
+                "usage_batch": (counts > 0).double().mean(1).sum(),
+                "batches": torch.tensor(float(len(mse)), dtype=torch.float64)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1354,6 +1419,8 @@ def rng_states(device: torch.device) -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":  # dead-code re-seeding draws from the device's default generator
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
@@ -1363,6 +1430,8 @@ def set_rng_states(states: dict, device: torch.device) -> None:
     random.setstate(states["python"])
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
+    if "mps" in states and device.type == "mps":
+        torch.mps.set_rng_state(states["mps"])
 
 
 def _read_checkpoint(path: Path, weights_only: bool = False) -> tuple[Optional[dict], str]:
@@ -1474,7 +1543,7 @@ class SafeWandb:
                 import wandb
 
                 media = {"val/reconstructions": wandb.Image(grid, caption="top: originals, bottom: hard-code reconstructions"),
-                         "val/code_usage": wandb.Histogram(counts.double().numpy())}
+                         "val/code_usage": wandb.Histogram(counts.numpy().astype(np.float64))}
             except Exception as e:
                 print(f"W&B: could not make the image and histogram ({type(e).__name__}: {e}); continuing without W&B")
                 self.run = None
@@ -1695,23 +1764,25 @@ def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: st
         x = normalize(x_uint8[start:start + batch_size], model.pixel_range)
         with autocast_for(device, precision):
             x_hat, _, idx = model(x)
-        batch_sse.append((x_hat.float() - x).pow(2).sum().double() * to_signed)  # as if on [−1, 1]
+        batch_sse.append((x_hat.float() - x).pow(2).sum())                          # fp32 on the device
         batch_counts.append(code_histogram(idx, K))
     model.train(was_training)
-    batch_sse, batch_counts = torch.stack(batch_sse), torch.stack(batch_counts)  # (n_batches,), (n_batches, K)
-    sse, counts = batch_sse.sum(), batch_counts.sum(0)
-    n_values = all_reduce_(torch.tensor(x_uint8.numel(), dtype=torch.float64, device=device))
-    metrics = reconstruction_metrics(all_reduce_(sse).item(), int(n_values.item()))
-    all_reduce_(counts)
+    batch_counts = torch.stack(batch_counts)                                         # (n_batches, K) int64
+    counts = all_reduce_(batch_counts.sum(0)).cpu()                                  # (K,)
+    n_values = int(all_reduce_(torch.tensor(x_uint8.numel(), device=device)).item())
+    with host_math():  # the sums in float64, which MPS lacks
+        batch_sse = torch.stack(batch_sse).cpu().double() * to_signed               # (n_batches,) as if on [−1, 1]
+        batch_counts = batch_counts.cpu()
+        metrics = reconstruction_metrics(all_reduce_host_(batch_sse.sum()).item(), n_values)
+        full = len(x_uint8) // batch_size  # batches of exactly batch_size (drop_last)
+        per_batch = batch_average_metrics(batch_sse[:full], batch_counts[:full], batch_size * x_uint8[0].numel())
+        names = list(per_batch)
+        sums = all_reduce_host_(torch.stack([per_batch[n] for n in names])).tolist()
     if counts_out is not None:
-        counts_out.append(counts.cpu())
-    full = len(x_uint8) // batch_size  # batches of exactly batch_size (drop_last)
-    per_batch = batch_average_metrics(batch_sse[:full], batch_counts[:full], batch_size * x_uint8[0].numel())
-    names = list(per_batch)
-    sums = all_reduce_(torch.stack([per_batch[n].to(device, torch.float64) for n in names])).tolist()
+        counts_out.append(counts)
     n_batches = sums[names.index("batches")]
     metrics |= {n: v / n_batches if n_batches else math.nan for n, v in zip(names, sums) if n != "batches"}
-    return metrics | codebook_metrics(counts.cpu())
+    return metrics | codebook_metrics(counts)
 
 
 @torch.no_grad()
@@ -1795,8 +1866,8 @@ class TrainState:
         self.seconds = dict.fromkeys(PHASES, 0.0)  # wall time by phase, over all sessions of the run
         self.time_before = 0.0      # wall time of the run's earlier sessions
         self.session_start = time.perf_counter()
-        self.data_gen = torch.Generator(device=device).manual_seed(cfg.seed)         # data order
-        self.augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # crops, flips (seed + 1: k-means)
+        self.data_gen = generator_for(device, cfg.seed)             # data order
+        self.augment_gen = generator_for(device, cfg.seed + 2)      # crops, flips (seed + 1: k-means)
         self.epoch_gen_state = None  # data_gen's state when the current epoch drew its permutation
         self.wandb_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.name)[:48]}-{os.urandom(4).hex()}"  # no RNG used
         self.device = device
@@ -1818,7 +1889,7 @@ class TrainState:
             self.epoch_gen_state = self.data_gen.get_state()
         else:
             self.data_gen.set_state(self.epoch_gen_state)
-        return torch.randperm(n_images, generator=self.data_gen, device=self.device)
+        return torch.randperm(n_images, generator=self.data_gen, device=self.data_gen.device).to(self.device)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seconds": dict(self.seconds), "train_time_s": self.wall_time(),
@@ -2002,7 +2073,7 @@ def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, ch
         return
     if cfg.codebook_init in ("kmeans", "kmeans_val"):
         with state.timed("kmeans"):
-            kmeans_gen = torch.Generator(device=x_train.device).manual_seed(cfg.seed + 1)
+            kmeans_gen = generator_for(x_train.device, cfg.seed + 1)
             init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
             sync(x_train.device)
         if main:
@@ -2091,6 +2162,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         torch.use_deterministic_algorithms(True)
     device, joined = start_distributed(cfg)
     try:
+        for note in device_caveats(cfg, device, platform.mac_ver()[0]):
+            if world()[0] == 0:
+                print(f"note: {note}")
         final = train_on(cfg, device, resume, overwrite)
         if joined:
             dist.barrier()  # rank 0 may still be writing results: leave the group together
