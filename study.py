@@ -617,30 +617,36 @@ def figure_val_psnr(plt, records: list):
 
 
 def figure_matched_baselines(plt, records: list):
-    """Each BA run of the study against the VQ-EMA baseline of the same K and seed: the difference in
-    PSNR and in perplexity, seed by seed (dots) and their mean (bar)."""
-    ba_runs = list(dict.fromkeys(r["run"] for r in records if r["config"].get("quantizer") == "ba_vq"))
+    """Each BA run of a study against each VQ-EMA run of the same K, seed by seed: the difference in
+    PSNR and in perplexity (dots: seeds both runs have; bar: their mean). Above 0: BA ahead."""
+    finished = [r for r in records if r["final"] is not None]
+    k_of = {r["run"]: r["config"].get("codebook_size") for r in finished}
+    quantizer_of = {r["run"]: r["config"].get("quantizer") for r in finished}
+    ba_runs = [run for run in k_of if quantizer_of[run] == "ba_vq"]
+    kinds = list(dict.fromkeys(K_SUFFIX.sub("", run) for run in k_of if quantizer_of[run] == "vq_ema"))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    width, labels = 0.38, []
+    width = 0.8 / max(len(kinds), 1)
     for i, run in enumerate(ba_runs):
-        tail = K_SUFFIX.search(run).group(0) if K_SUFFIX.search(run) else ""     # baseline of the same K
-        labels.append(run)
-        for j, (base, color) in enumerate([("baseline", "tab:blue"), ("baseline_dead_reset", "tab:green")]):
-            base_seeds, ba_seeds = by_seed(records, base + tail), by_seed(records, run)
+        ba_seeds = by_seed(finished, run)
+        bases = [b for b in k_of if quantizer_of[b] == "vq_ema" and k_of[b] == k_of[run]]
+        for base in bases:
+            j = kinds.index(K_SUFFIX.sub("", base))
+            base_seeds = by_seed(finished, base)
             seeds = sorted(set(base_seeds) & set(ba_seeds))
+            x = i + (j - (len(kinds) - 1) / 2) * width
             for ax, key in zip(axes, ("psnr", "perplexity")):
                 diffs = [ba_seeds[s]["final"][key] - base_seeds[s]["final"][key] for s in seeds]
-                if not diffs:
-                    continue
-                x = i + (j - 0.5) * width
-                ax.bar(x, sum(diffs) / len(diffs), width, color=color, alpha=0.35,
-                       label=f"against {WINS_RUNS[base]}" if i == 0 else None)
-                ax.plot([x] * len(diffs), diffs, "o", ms=4, color=color)
+                if diffs:
+                    ax.bar(x, sum(diffs) / len(diffs), width, color=f"C{j}", alpha=0.35)
+                    ax.plot([x] * len(diffs), diffs, "o", ms=4, color=f"C{j}")
+    for j, kind in enumerate(kinds):
+        axes[0].bar(0, 0, 0, color=f"C{j}", alpha=0.35, label=f"against {kind} (same K)")
     for ax, label in zip(axes, ["PSNR difference (dB, whole set)", "perplexity difference (whole set)"]):
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(ba_runs)), [f"{run} (K = {k_of[run]:,})" for run in ba_runs], rotation=20,
+                      ha="right", fontsize=8)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     axes[1].set_yscale("symlog", linthresh=10)
     fig.suptitle("BA run − VQ-EMA run of the same K and seed (dots: seeds, bar: mean); above 0: BA ahead",
                  fontsize=10)
