@@ -515,3 +515,281 @@ def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, d
                          "norm_ratio": (soft.norm() / ste.norm()).item(),
                          "top1pct_share": (per_latent[: max(1, len(per_latent) // 100)].sum() / per_latent.sum()).item()})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures of the committed studies (RESULTS.md, README.md)
+# ---------------------------------------------------------------------------------------------
+
+# The three runs the "Can BA beat VQ-EMA?" figures compare, at K = 512 (these names) and
+# K = 16,384 (the same names ending in _k16384), in results/ba_wins.
+WINS_RUNS = {"baseline": "VQ-EMA", "baseline_dead_reset": "VQ-EMA, re-seeded", "rel_ste_ema_rate_reset": "BA finalist"}
+K_SUFFIX = re.compile(r"_k\d+$")
+WINS_COLORS = {"baseline": "tab:blue", "baseline_dead_reset": "tab:green", "rel_ste_ema_rate_reset": "tab:orange"}
+# The published runs that were one configuration in the published code (their BA loss terms never
+# reached a gradient), so the re-run of ba_default stands for all four.
+PUBLISHED_SAME_AS = {"ba_high_entropy": "ba_default", "ba_low_entropy": "ba_default", "ba_high_commitment": "ba_default"}
+# The critical β of the encoder outputs at step 0 (study.critical_beta_at_init, 512 training images,
+# seeds 1337 / 1338 / 1339), measured on the CIFAR-10 copy and written down here because the
+# figure command runs without the data: below it BA's only fixed point is one code for every latent.
+CRITICAL_BETA_AT_INIT = {"published recipe": (177, 293, 228), "our recipe": (21, 24, 12)}
+# The 600-step collapse sweep: each run is the published ba_iters5 with one change.
+COLLAPSE_RUNS = {"published": "published recipe", "prior_uniform": "uniform prior", "grad_last_step_only":
+                 "gradient through last E-step only", "codebook_grad": "codebook by gradient only",
+                 "model_small_signed": "our model, [−1, 1] pixels", "all_ours": "all of our recipe"}
+
+
+def study_runs(results_dir: Path, study_name: str, runs) -> list[dict]:
+    """read_study of results_dir/study_name, refusing (VQVAEError) when the study or one of `runs`
+    has no finished run there."""
+    study_dir = Path(results_dir) / study_name
+    if not study_dir.is_dir():
+        raise vqvae.VQVAEError(f"make_figures needs the study {study_dir} (not found)")
+    records = [r for r in read_study(study_dir) if r["final"] is not None]
+    missing = [run for run in runs if not any(r["run"] == run for r in records)]
+    if missing:
+        raise vqvae.VQVAEError(f"make_figures needs the finished runs {', '.join(missing)} in {study_dir}")
+    return records
+
+
+def seed_values(records: list, run: str, key: str) -> list[float]:
+    """A final metric of each finished seed of `run`, in seed order."""
+    return [r["final"][key] for r in records if r["run"] == run and r["final"] is not None]
+
+
+def by_seed(records: list, run: str) -> dict:
+    """run's finished records keyed by seed."""
+    return {r["seed"]: r for r in records if r["run"] == run and r["final"] is not None}
+
+
+def fill_band(ax, x, mean, std, color, label):
+    """A mean line with a ± std band (no band where std is nan: one seed)."""
+    ax.plot(x, mean, "o-", ms=3, color=color, label=label)
+    std = [s if s == s else 0.0 for s in std]
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                    alpha=0.2, lw=0)
+
+
+def figure_usage_psnr_vs_k(plt, records: list):
+    """PSNR, code usage and perplexity against K for the three compared runs: seeds as dots, mean line."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, (run, label) in enumerate(WINS_RUNS.items()):
+        shift = 1.12 ** (i - 1)                         # side by side, so equal results stay visible
+        ks, per_key = [512 * shift, 16384 * shift], {"psnr": [], "usage_rate": [], "perplexity": []}
+        for name in (run, f"{run}_k16384"):
+            for key in per_key:
+                per_key[key].append(seed_values(records, name, key))
+        for ax, (key, values) in zip(axes, per_key.items()):
+            scale = 100 if key == "usage_rate" else 1
+            means = [sum(v) / len(v) * scale for v in values]
+            ax.plot(ks, means, "-", color=WINS_COLORS[run], label=label, lw=1.2)
+            for k, seeds in zip(ks, values):
+                ax.plot([k] * len(seeds), [s * scale for s in seeds], "os^"[i], ms=4, color=WINS_COLORS[run],
+                        alpha=0.7)
+    axes[2].plot([512, 16384], [512, 16384], "k:", lw=0.8, label="perplexity = K (every code equally used)")
+    labels = ["validation PSNR (dB, whole set, [0,1] pixels)", "codes used (% of K, whole set)",
+              "perplexity (whole set)"]
+    for ax, label in zip(axes, labels):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([512, 16384], ["512", "16,384"])
+        ax.set_xlabel("codebook size K")
+        ax.set_ylabel(label)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Small model, 10 epochs, CIFAR-10; dots: seeds 1337–1339, line: their mean", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_val_psnr(plt, records: list):
+    """Validation PSNR per epoch, mean ± std over seeds, at K = 512 and K = 16,384 (one panel each)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, (suffix, title) in zip(axes, [("", "K = 512"), ("_k16384", "K = 16,384")]):
+        for run, label in WINS_RUNS.items():
+            curve = val_curve(records, run + suffix, "psnr")
+            fill_band(ax, curve["epoch"], curve["mean"], curve["std"], WINS_COLORS[run],
+                      f"{label} ({max(curve['n'], default=0)} seeds)")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation PSNR (dB, whole set)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_matched_baselines(plt, records: list):
+    """Each BA run of a study against each VQ-EMA run of the same K, seed by seed: the difference in
+    PSNR and in perplexity (dots: seeds both runs have; bar: their mean). Above 0: BA ahead."""
+    finished = [r for r in records if r["final"] is not None]
+    k_of = {r["run"]: r["config"].get("codebook_size") for r in finished}
+    quantizer_of = {r["run"]: r["config"].get("quantizer") for r in finished}
+    ba_runs = [run for run in k_of if quantizer_of[run] == "ba_vq"]
+    kinds = list(dict.fromkeys(K_SUFFIX.sub("", run) for run in k_of if quantizer_of[run] == "vq_ema"))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / max(len(kinds), 1)
+    for i, run in enumerate(ba_runs):
+        ba_seeds = by_seed(finished, run)
+        bases = [b for b in k_of if quantizer_of[b] == "vq_ema" and k_of[b] == k_of[run]]
+        for base in bases:
+            j = kinds.index(K_SUFFIX.sub("", base))
+            base_seeds = by_seed(finished, base)
+            seeds = sorted(set(base_seeds) & set(ba_seeds))
+            x = i + (j - (len(kinds) - 1) / 2) * width
+            for ax, key in zip(axes, ("psnr", "perplexity")):
+                diffs = [ba_seeds[s]["final"][key] - base_seeds[s]["final"][key] for s in seeds]
+                if diffs:
+                    ax.bar(x, sum(diffs) / len(diffs), width, color=f"C{j}", alpha=0.35)
+                    ax.plot([x] * len(diffs), diffs, "o", ms=4, color=f"C{j}")
+    for j, kind in enumerate(kinds):
+        axes[0].bar(0, 0, 0, color=f"C{j}", alpha=0.35, label=f"against {kind} (same K)")
+    for ax, label in zip(axes, ["PSNR difference (dB, whole set)", "perplexity difference (whole set)"]):
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(ba_runs)), [f"{run} (K = {k_of[run]:,})" for run in ba_runs], rotation=20,
+                      ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    axes[1].set_yscale("symlog", linthresh=10)
+    fig.suptitle("BA run − VQ-EMA run of the same K and seed (dots: seeds, bar: mean); above 0: BA ahead",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_published_rerun(plt, records: list):
+    """The published recipe re-run, seed by seed, beside the published single-run numbers (batch level)."""
+    runs = [run for run in PUBLISHED if run not in PUBLISHED_SAME_AS and by_seed(records, run)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, (key, i, label) in zip(axes, [("psnr_batch", 0, "PSNR (dB), per-batch mean"),
+                                          ("perplexity_batch", 1, "perplexity, per-batch mean")]):
+        for x, run in enumerate(runs):
+            values = seed_values(records, run, key)
+            ax.plot([x] * len(values), values, "o", ms=5, color="tab:blue", alpha=0.7,
+                    label="re-run here, one dot per seed" if x == 0 else None)
+            published = [PUBLISHED[run][i]] + [PUBLISHED[p][i] for p, same in PUBLISHED_SAME_AS.items() if same == run]
+            ax.plot([x] * len(published), published, "kx", ms=8, mew=2,
+                    label="published (one run each; runs of one configuration share a column)" if x == 0 else None)
+        ax.set_xticks(range(len(runs)), runs, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[1].set_yscale("log")
+    fig.suptitle("Published recipe re-run (sonnet model, [0,1] pixels, crop + flip): the published study's "
+                 "convention, validation batches of 128", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_ba_collapse(plt, published: list, ours: list, collapse: list, collapse_200: list):
+    """Left: batch perplexity per step of ba_iters5 under the published recipe and ours. Middle: β
+    against the latents' critical β at step 0. Right: the 600-step collapse sweep (β held at 0.5),
+    one change from the published ba_iters5 per run; thin lines: the 200-step version's other seeds."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    ax = axes[0]
+    for recs, color, label in [(published, "tab:red", "published recipe"), (ours, "tab:blue", "our recipe")]:
+        for i, rec in enumerate(r for r in recs if r["run"] == "ba_iters5"):
+            curve = train_curve(rec["dir"])
+            ax.semilogy(curve["step"], curve["perplexity"], color=color, lw=0.8, alpha=0.8,
+                        label=f"ba_iters5, {label} (one line per seed)" if i == 0 else None)
+    ax.set_title("ba_iters5 over 10 epochs", fontsize=10)
+    ax.set_ylabel("batch perplexity (training batch)")
+    ax = axes[1]
+    curve = train_curve(next(r for r in published if r["run"] == "ba_iters5")["dir"])
+    ax.semilogy(curve["step"], curve["beta"], "k-", lw=1.5, label="β (both recipes: 0.5 → 3)")
+    for (label, values), color in zip(CRITICAL_BETA_AT_INIT.items(), ["tab:red", "tab:blue"]):
+        for j, value in enumerate(values):
+            ax.axhline(value, color=color, ls=":", lw=1.2, label=f"critical β at step 0, {label} (seeds)" if j == 0 else None)
+    ax.set_title("β against the critical β, below which BA has one fixed point", fontsize=10)
+    ax.set_ylabel("β")
+    ax = axes[2]
+    for i, (run, label) in enumerate(COLLAPSE_RUNS.items()):
+        for rec in (r for r in collapse if r["run"] == run):
+            curve = train_curve(rec["dir"])
+            ax.semilogy(curve["step"], curve["perplexity"], color=f"C{i}", lw=1.2, label=label)
+        for rec in (r for r in collapse_200 if r["run"] == run and r["seed"] != 1337):
+            curve = train_curve(rec["dir"])
+            ax.semilogy(curve["step"], curve["perplexity"], color=f"C{i}", lw=0.6, alpha=0.5)
+    ax.set_title("published ba_iters5 with one change, β held at 0.5", fontsize=10)
+    ax.set_ylabel("batch perplexity (training batch)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_sorted_usage(plt, records: list):
+    """The final validation histogram of each compared run (first seed), codes sorted by use; rank and
+    count normalised by K so that K = 512 and K = 16,384 share the axes."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for run, label in WINS_RUNS.items():
+        for suffix, style in [("", "-"), ("_k16384", "--")]:
+            rec = min(by_seed(records, run + suffix).values(), key=lambda r: r["seed"])
+            counts = vqvae.read_code_counts(rec["dir"]).sort(descending=True).values.double()
+            k = len(counts)
+            share = (counts * k / counts.sum()).clamp_min(1e-3)            # 1 = the mean use of a code
+            ax.semilogy((torch.arange(k) + 1) / k, share.numpy(), style, color=WINS_COLORS[run], lw=1.2,
+                        label=f"{label}, K = {k:,}")
+    ax.axhline(1, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("code rank / K (codes sorted from most to least used)")
+    ax.set_ylabel("use of the code ÷ mean use (unused drawn at 1e-3)")
+    ax.legend(fontsize=8)
+    ax.set_title("Sorted code usage, whole validation set (seed 1337)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_recon_grid(plt, records: list):
+    """The compared runs' recon.png side by side (seed 1337: the first eight validation images, all
+    airplanes, above their reconstructions): one row per run, K = 512 left, K = 16,384 right."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(len(WINS_RUNS), 2, figsize=(13, 1.9 * len(WINS_RUNS)), squeeze=False)
+    for row, (run, label) in zip(axes, WINS_RUNS.items()):
+        for ax, (suffix, k) in zip(row, [("", "512"), ("_k16384", "16,384")]):
+            path = min(by_seed(records, run + suffix).values(), key=lambda r: r["seed"])["dir"] / "recon.png"
+            if not path.is_file():
+                raise vqvae.VQVAEError(f"make_figures needs {path}")
+            ax.imshow(Image.open(path).convert("RGB"), interpolation="nearest")
+            ax.set_title(f"{label}, K = {k}", fontsize=9, loc="left")
+            ax.axis("off")
+    fig.suptitle("Top row of each: validation originals; bottom: reconstructions from the hard codes", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def make_figures(results_dir="results", out_dir="results/figures") -> list[Path]:
+    """Draw the figures of RESULTS.md and README.md from the committed studies under results_dir and
+    save them as PNG files in out_dir; returns their paths. Needs the studies ba_wins,
+    ba_study_published, ba_study, ba_collapse and ba_collapse_200 (a VQVAEError names the one
+    missing). Reads files only: no data set, no model.
+
+        python -c "import study; study.make_figures()"
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    compared = [run + suffix for run in WINS_RUNS for suffix in ("", "_k16384")]
+    wins = study_runs(results_dir, "ba_wins", compared)
+    published = study_runs(results_dir, "ba_study_published", ["baseline", "ba_default", "ba_iters1", "ba_iters5"])
+    ours = study_runs(results_dir, "ba_study", ["ba_iters5"])
+    collapse = study_runs(results_dir, "ba_collapse", list(COLLAPSE_RUNS))
+    collapse_200 = study_runs(results_dir, "ba_collapse_200", ["published"])
+    figures = {"usage_psnr_vs_k": lambda: figure_usage_psnr_vs_k(plt, wins),
+               "val_psnr_per_epoch": lambda: figure_val_psnr(plt, wins),
+               "ba_vs_matched_baseline": lambda: figure_matched_baselines(plt, wins),
+               "published_rerun": lambda: figure_published_rerun(plt, published),
+               "ba_collapse": lambda: figure_ba_collapse(plt, published, ours, collapse, collapse_200),
+               "sorted_usage": lambda: figure_sorted_usage(plt, wins),
+               "recon_grid": lambda: figure_recon_grid(plt, wins)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, draw in figures.items():
+        fig = draw()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
