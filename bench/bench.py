@@ -4,9 +4,9 @@ written after the original design documents (any script taking `DATA --arch --qu
 --ba_iters --steps --batch` and printing a JSON line with train_images_per_s).
 
     pip install -r bench/requirements.txt                                   # the library, for comparison
-    python bench/bench.py --data /tmp/cifar10-jpeg --plot bench/scaling.png   # the whole matrix
-    python bench/bench.py --data /tmp/cifar10-jpeg --arch small --K 512 16384 --quantizer vq_ema
-    python bench/bench.py --data /tmp/cifar10-jpeg --seed_ref path/to/seed_ref.py   # with the reference
+    python bench/bench.py --data path/to/cifar10-jpeg --plot bench/scaling.png   # the whole matrix
+    python bench/bench.py --data path/to/cifar10-jpeg --arch small --K 512 16384 --quantizer vq_ema
+    python bench/bench.py --data path/to/cifar10-jpeg --seed_ref path/to/seed_ref.py   # with the reference
 
 Every measurement runs in a fresh subprocess, one after the other, so its peak resident memory is
 its own (read from the kernel with wait4) and no two compete for the cores. Training images/s is
