@@ -36,10 +36,6 @@ import torch
 import vqvae
 
 SWEEP_KEYS = ("study", "base", "runs")
-# Keys that change how a run is carried out or logged, not its results: a finished run whose saved
-# config differs from the sweep only in these still counts as that run.
-RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "log_every", "checkpoint_freq",
-                "channels_last", "compile", "deterministic", "wandb", "wandb_project", "wandb_group")
 METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
            "usage_batch", "beta", "train_time_s")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
@@ -119,14 +115,20 @@ def plan_sweep(path, yaml_path=None, flags: dict | None = None, seeds: int = 1,
         cfg = vqvae.Config()
         if yaml_path:
             cfg = vqvae.apply_overrides(cfg, vqvae.read_yaml(yaml_path), str(yaml_path))
-        cfg = vqvae.apply_overrides(cfg, base, f"{path} base")
+        # the base and the flags may set options of several quantizers: each run takes those of its own
+        quantizer = flags.get("quantizer", run.get("quantizer", base.get("quantizer", cfg.quantizer)))
+        cfg = vqvae.apply_overrides(cfg, vqvae.applicable(base, quantizer), f"{path} base")
         cfg = vqvae.apply_overrides(cfg, {k: v for k, v in run.items() if k != "name"}, f"{path} run '{run['name']}'")
-        cfg = vqvae.apply_overrides(cfg, flags, "command-line flags")
+        cfg = vqvae.apply_overrides(cfg, vqvae.applicable(flags, quantizer), "command-line flags")
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / study), wandb_group=cfg.wandb_group or study)
         for i in range(seeds):
             seed = cfg.seed + i
             name = run["name"] if i == 0 else f"{run['name']}_seed{seed}"
             planned.append(PlannedRun(run["name"], seed, vqvae.validate(dataclasses.replace(cfg, seed=seed, name=name))))
+    unused = [k for k in flags if all(k not in vqvae.applicable({k: 0}, p.cfg.quantizer) for p in planned)]
+    if unused:
+        raise vqvae.VQVAEError(f"--{unused[0]} applies to none of the planned runs (their quantizers: "
+                               f"{', '.join(sorted({p.cfg.quantizer for p in planned}))})")
     return Path(planned[0].cfg.out_dir), planned
 
 
@@ -143,12 +145,9 @@ def run_state(run_dir: Path) -> str:
 
 
 def config_differences(run_dir: Path, cfg: vqvae.Config) -> list[str]:
-    """Result-changing keys on which the run saved in run_dir differs from cfg."""
+    """Result-changing keys on which the run saved in run_dir differs from cfg (vqvae.result_differences)."""
     saved = vqvae.read_yaml(run_dir / "config.yaml")
-    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(vqvae.Config())
-    # a key added after the run was saved took its default there (new keys default to the old behaviour)
-    return [f"{k}: {saved.get(k, defaults[k])!r} there, {now[k]!r} now" for k in now
-            if k not in RUNTIME_KEYS and saved.get(k, defaults[k]) != now[k]]
+    return [f"{k}: {then!r} there, {now!r} now" for k, then, now in vqvae.result_differences(saved, cfg)]
 
 
 def check_existing(planned: list[PlannedRun]) -> None:
@@ -221,6 +220,28 @@ def run_all(planned: list, overwrite: bool, main: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading a study back
 # ---------------------------------------------------------------------------------------------
+
+
+def read_code_counts(run_dir) -> torch.Tensor:
+    """The final validation histogram of a run's codes, (K,) int64, from code_counts.json."""
+    with open(Path(run_dir) / "code_counts.json") as f:
+        return torch.tensor(json.load(f)["counts"], dtype=torch.long)
+
+
+def read_history(run_dir) -> list:
+    """history.jsonl of a run as a list of dicts."""
+    with open(Path(run_dir) / "history.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ba_probabilities(quantizer, z: torch.Tensor, codebook=None) -> torch.Tensor:
+    """p(k|e) (N, K) of a BA quantizer's last E-step for latents z (N, D), as one matrix (for tests and
+    analysis; training never forms it): softmax_k vqvae.ba_logits after its E/M iterations, with its
+    codebook or another (K, D)."""
+    codebook = quantizer.codebook if codebook is None else codebook
+    z, codebook = quantizer.in_units(z, codebook, quantizer.distance_unit(z, codebook))
+    log_q = quantizer.prior_after_iterations(z, codebook)
+    return torch.softmax(vqvae.ba_logits(z, codebook, log_q, quantizer.beta), dim=1)
 
 
 def read_study(study_dir) -> list[dict]:
@@ -399,14 +420,14 @@ def last_step_reseeds(run_dir) -> dict:
     if not quantizer.ema or quantizer.dead_code_threshold <= 0:
         raise vqvae.VQVAEError(f"{run_dir}: no dead-code re-seeding (it needs an EMA codebook and dead_code_threshold > 0)")
     fresh = quantizer.cluster_size == quantizer.dead_code_threshold             # (K,) re-seeded at the last step
-    counts = vqvae.read_code_counts(run_dir)
+    counts = read_code_counts(run_dir)
     return {"reseeded": int(fresh.sum()), "used": int(((counts > 0) & fresh).sum()), "used_all": int((counts > 0).sum()),
             "share": (counts[fresh].sum() / counts.sum()).item()}
 
 
 def train_curve(run_dir) -> dict:
     """The logged training steps of a run: step, batch perplexity, batch usage and (BA) β lists."""
-    rows = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]
+    rows = [r for r in read_history(run_dir) if r["split"] == "train"]
     return {key: [r.get(key) for r in rows] for key in ("step", "perplexity", "usage", "beta")}
 
 
@@ -468,7 +489,7 @@ def soft_spread_at_init(cfg: vqvae.Config, images, betas=(1.0,), n_images: int =
         quantizer.prior_mode = "uniform"
         for beta in betas:
             quantizer.beta = float(beta)
-            p = quantizer.probabilities(z, quantizer.codebook)                  # (N, K)
+            p = ba_probabilities(quantizer, z)                                  # (N, K)
             entropy = -(p * p.clamp_min(1e-30).log()).sum(1)                    # (N,) nats
             spread.append(entropy.exp().median().item())
     return spread
@@ -477,7 +498,7 @@ def soft_spread_at_init(cfg: vqvae.Config, images, betas=(1.0,), n_images: int =
 def val_curve(records: list, run: str, key: str = "psnr") -> dict:
     """A run's validation metric per epoch over its seeds (records from read_study): epoch (1-based),
     mean and sample std (nan with one seed), over the seeds that reached that epoch, and n, how many did."""
-    per_seed = [[r for r in vqvae.read_history(rec["dir"]) if r["split"] == "val"]
+    per_seed = [[r for r in read_history(rec["dir"]) if r["split"] == "val"]
                 for rec in records if rec["run"] == run]
     epochs = sorted({v["epoch"] + 1 for rows in per_seed for v in rows})
     out = {"epoch": epochs, "mean": [], "std": [], "n": []}
@@ -489,8 +510,8 @@ def val_curve(records: list, run: str, key: str = "psnr") -> dict:
 
 
 def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, data_dir=None) -> list[dict]:
-    """How the encoder's reconstruction gradient through BA's soft path (ba_output hard: the code
-    forward, the gradient of Σ_k p(k|e)·c_k backward) compares with the straight-through one, for a
+    """How the encoder's reconstruction gradient through BA's soft path (ba_output hard_soft_grad: the
+    code forward, the gradient of Σ_k p(k|e)·c_k backward) compares with the straight-through one, for a
     finished BA run's model at each β of `betas` (its own units), on its first n training images.
     Per β: the cosine between the two gradients w.r.t. z_e, the ratio of their norms, and the share of
     the soft-path gradient's squared norm carried by the 1% of latents with the largest gradient.
@@ -500,15 +521,15 @@ def gradient_alignment(run_dir, betas=(1.0, 10.0, 100.0), n_images: int = 128, d
     rows = []
     for beta in betas:
         grads = {}
-        for output in ("hard", "ste"):
+        for output in ("hard_soft_grad", "hard_ste"):
             m = copy.deepcopy(model).train()  # a training forward moves EMA statistics, σ and the prior
             m.quantizer.output, m.quantizer.beta = output, float(beta)
-            z_e = m.encoder(x).detach().requires_grad_(True)
+            z_e = m.encode(x).detach().requires_grad_(True)
             z_q, _, _ = m.quantizer(z_e)
             torch.nn.functional.mse_loss(m.decoder(z_q), x).backward()
             grads[output] = vqvae.flatten_latents(z_e.grad).cpu()               # (N, D)
         with vqvae.host_math():
-            soft, ste = grads["hard"].double(), grads["ste"].double()
+            soft, ste = grads["hard_soft_grad"].double(), grads["hard_ste"].double()
             per_latent = soft.pow(2).sum(1).sort(descending=True).values
             rows.append({"beta": float(beta),
                          "cosine": torch.nn.functional.cosine_similarity(soft.flatten(), ste.flatten(), dim=0).item(),
@@ -724,7 +745,7 @@ def figure_sorted_usage(plt, records: list):
     for run, label in WINS_RUNS.items():
         for suffix, style in [("", "-"), ("_k16384", "--")]:
             rec = min(by_seed(records, run + suffix).values(), key=lambda r: r["seed"])
-            counts = vqvae.read_code_counts(rec["dir"]).sort(descending=True).values.double()
+            counts = read_code_counts(rec["dir"]).sort(descending=True).values.double()
             k = len(counts)
             share = (counts * k / counts.sum()).clamp_min(1e-3)            # 1 = the mean use of a code
             ax.semilogy((torch.arange(k) + 1) / k, share.numpy(), style, color=WINS_COLORS[run], lw=1.2,

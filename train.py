@@ -17,8 +17,22 @@ import vqvae
 RUN_FLAGS = ("config", "resume", "overwrite", "sweep", "seeds", "runs", "summarize")
 
 
+def config_reference() -> str:
+    """Every config key as a Markdown table (key, default, meaning) in Config's groups, made from
+    Config as --help is: docs/config.md's key table is this text, and a test keeps it so."""
+    rows, group = ["| key | default | meaning |", "|---|---|---|"], None
+    for f in dataclasses.fields(vqvae.Config):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            rows.append(f"| **{group}** | | |")
+        default = vqvae.DEFAULTS[f.name]
+        default = "empty" if default in ("", None) else ",".join(map(str, default)) if isinstance(default, list) else default
+        rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help'].replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a VQ-VAE (vq_ema or ba_vq quantizer) on CIFAR-10.",
+    parser = argparse.ArgumentParser(description="Train a VQ-VAE (vq_ema, ba_vq or fsq quantizer) on CIFAR-10.",
                                      allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of config keys (e.g. config.yaml, config_mac.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue the run <out_dir>/<name> from its last.pt")
@@ -32,14 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated names (e.g. --runs baseline,ba_iters1 --seeds 3 adds seeds to two runs)")
     parser.add_argument("--summarize", metavar="STUDY_DIR", help="write experiment_results.csv and results.md for a "
                         "study directory (e.g. experiments/ba_study) and exit")
-    for f in dataclasses.fields(vqvae.Config):
-        help = f"{f.metadata['help']} (default: {f.default})"
+    groups = {}
+    for f in dataclasses.fields(vqvae.Config):  # --help lists the keys in Config's groups
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f"config: {f.metadata['group']}"))
+        help = f"{f.metadata['help']} (default: {vqvae.DEFAULTS[f.name]})"
         if vqvae._field_type(f)[0] is bool:
-            parser.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False,
-                                help=f"turn {f.name} off")
+            group.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=True, help=help)
+            group.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False,
+                               help=f"turn {f.name} off")
         else:  # values stay strings here; vqvae checks and converts them with the YAML values
-            parser.add_argument(f"--{f.name}", metavar=f.name.upper(), help=help)
+            group.add_argument(f"--{f.name}", metavar=f.name.upper(), help=help)
     return parser
 
 

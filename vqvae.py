@@ -1,11 +1,8 @@
-"""VQ-VAE on CIFAR-10 with two quantizers: VQ-EMA and a Blahut–Arimoto (BA) soft quantizer.
-
-One file, read top to bottom: helpers → config → data → encoder/decoder → quantizers → model →
-metrics → checkpoints and logging → evaluate/train. Importing it runs nothing; `train(cfg)` does
-the work, and `train.py` is the command line around it.
-
-Shapes: B batch, D code dimension, H×W latent grid (8×8 for 32×32 images), N = B·H·W latent
-vectors, K codebook size.
+"""VQ-VAE on CIFAR-10 with three quantizers behind one contract: VQ-EMA, a Blahut–Arimoto (BA) soft
+quantizer, and FSQ. Read top to bottom: helpers → config → data → encoder/decoder → quantizers →
+model → metrics → checkpoints → evaluate/train. Importing it runs nothing; `train(cfg)` does the work,
+and `train.py` is the command line around it. Shapes: B batch, D code dimension, H×W latent grid
+(8×8 for 32×32 images), N = B·H·W latent vectors, K number of codes.
 """
 from __future__ import annotations
 
@@ -36,6 +33,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+
+from wandb_log import NoWandb, start_wandb
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -90,22 +89,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def device_caveats(cfg, device: torch.device, mac_version: str = "") -> list[str]:
-    """What the chosen device cannot do of cfg, checked before any work: raises VQVAEError for what
-    cannot run there, returns warnings for what runs without PyTorch's promise. mac_version is
-    platform.mac_ver()[0] (empty off macOS)."""
-    notes = []
-    if device.type == "mps":
-        major = int(mac_version.split(".")[0]) if mac_version.split(".")[0].isdigit() else 0
-        if cfg.precision == "bf16" and major < 14:
-            raise VQVAEError(f"precision bf16 on MPS needs macOS 14 or later (this is macOS {mac_version or '?'}): "
-                             f"MPS has bfloat16 from macOS 14 on; use --precision fp32")
-        if cfg.compile:
-            notes.append("compile on MPS: PyTorch's MPS compiler is a prototype (pytorch/pytorch#150121); if the first "
-                         "step fails, run without --compile")
-        if cfg.deterministic:
-            notes.append("deterministic on MPS: PyTorch promises no deterministic MPS kernels, so a resumed run continues "
-                         "the same data order and random streams but may not repeat the uninterrupted run's bits")
-    return notes
+    """Before any work: raises for what cfg cannot do on the device, returns warnings for what runs there
+    without PyTorch's promise (docs/devices.md). mac_version: platform.mac_ver()[0], empty off macOS."""
+    if device.type != "mps":
+        return []
+    if cfg.precision == "bf16" and int(mac_version.split(".")[0] if mac_version[:1].isdigit() else 0) < 14:
+        raise VQVAEError(f"precision bf16 on MPS needs macOS 14 or later (this is macOS {mac_version or '?'}); "
+                         f"use --precision fp32")
+    notes = {"compile": "compile on MPS: PyTorch's MPS compiler is a prototype (pytorch/pytorch#150121); if the "
+                        "first step fails, run without --compile",
+             "deterministic": "deterministic on MPS: PyTorch promises no deterministic MPS kernels, so a resumed run "
+                              "continues the same data order and random streams but may not repeat the bits"}
+    return [text for key, text in notes.items() if getattr(cfg, key)]
 
 
 def sync(device: torch.device) -> None:
@@ -116,7 +111,7 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-_host_math_depth = 0  # > 0 inside host_math()
+HOST_MATH = [0]  # > 0 inside host_math()
 
 
 @contextlib.contextmanager
@@ -124,16 +119,11 @@ def host_math():
     """Marks arithmetic that runs on the CPU whatever the training device: the float64 sums of the
     metrics and linear algebra that Apple's MPS lacks (it has no float64 at all). Work inside it on
     .cpu() copies; tests/test_devices.py runs training under a check that refuses float64 anywhere else."""
-    global _host_math_depth
-    _host_math_depth += 1
+    HOST_MATH[0] += 1
     try:
         yield
     finally:
-        _host_math_depth -= 1
-
-
-def in_host_math() -> bool:
-    return _host_math_depth > 0
+        HOST_MATH[0] -= 1
 
 
 def generator_for(device: torch.device, seed: int) -> torch.Generator:
@@ -144,8 +134,7 @@ def generator_for(device: torch.device, seed: int) -> torch.Generator:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`:
-    a crash mid-write leaves the previous file intact."""
+    """Write to a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -180,8 +169,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def all_reduce_host_(t: torch.Tensor) -> torch.Tensor:
-    """all_reduce_ of a CPU tensor (the metrics' float64 sums): NCCL reduces CUDA tensors only, so
-    there it makes the trip through the GPU (CUDA has float64; data-parallel runs never use MPS)."""
+    """all_reduce_ of a CPU tensor (float64 sums): under NCCL, which reduces CUDA tensors only, via the GPU."""
     if world()[1] > 1 and dist.get_backend() == "nccl":
         return t.copy_(all_reduce_(t.cuda()).cpu())
     return all_reduce_(t)
@@ -219,28 +207,34 @@ def unflatten_latents(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, group: str = ""):
+    meta = {"help": help, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 CHOICES = {
     "arch": ("small", "resnet", "sonnet"),
-    "quantizer": ("vq_ema", "ba_vq"),
     "dataset": ("cifar10", "folder", "synthetic"),
     "precision": ("fp32", "bf16"),
     "codebook_init": ("kmeans", "uniform", "kmeans_val"),
-    "beta_schedule": ("step", "epoch"),
     "ba_prior": ("uniform", "running"),
     "ba_reseed_prior": ("keep", "uniform"),
     "ba_codebook_update": ("grad", "ema", "grad_ema"),
     "ba_eval": ("prior", "batch"),
-    "ba_output": ("hard", "soft", "ste"),
+    "ba_output": ("soft", "hard_soft_grad", "hard_ste"),
     "beta_units": ("absolute", "relative", "critical"),
     "latent_norm": ("none", "l2"),
     "grad_estimator": ("ste", "rotation"),
     "augment": ("none", "crop_flip"),
     "pixel_range": ("signed", "unit"),
 }
+# Earlier names of values, still read from saved configs and sweep files.
+VALUE_ALIASES = {"ba_output": {"hard": "hard_soft_grad", "ste": "hard_ste"}}
+# Keys that no longer exist, with the one value they may still hold in a saved config: the
+# behaviour the code now always has. Any other value is refused.
+RETIRED_KEYS = {"beta_schedule": "step", "ba_prior_decay": 0.99, "ema_eps": 1e-5}
 
 # Architecture presets: values for n_hid / latent_dim when the config leaves them empty.
 ARCH_PRESETS = {
@@ -248,105 +242,84 @@ ARCH_PRESETS = {
     "resnet": {"n_hid": 128, "latent_dim": 256},
     "sonnet": {"n_hid": 64, "latent_dim": 64},
 }
+# Quantizer name → class; each class registers itself below (@register) and declares the keys it
+# reads (its `options`) and checks them (its `check`).
+QUANTIZERS: dict = {}
 
 
 @dataclass
 class Config:
-    # --- experiment
-    name: str = _opt("", "experiment name: results go to <out_dir>/<name>/ (empty: <quantizer>_K<K>_<arch>_<time>)")
-    out_dir: str = _opt("experiments", "parent directory of experiment directories")
-    seed: int = _opt(1337, "seed for initialisation and data order")
-    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    precision: str = _opt("fp32", "fp32 or bf16 (autocast for encoder/decoder; quantizer math stays fp32)")
-    # --- data
-    dataset: str = _opt("cifar10", "cifar10 (torchvision, downloads), folder (train/ and test/ image folders) or synthetic")
-    data_dir: str = _opt("data", "where cifar10 is downloaded to or found, or the image folder's root")
-    synthetic_size: int = _opt(4096, "synthetic dataset: number of training images (test set: a quarter of it)")
-    pixel_range: str = _opt("signed", "images as the model sees and reconstructs them: signed ([−1, 1]) or unit "
-                                      "([0, 1], the published study's; the reconstruction loss is then 4× smaller)")
-    augment: str = _opt("none", "training augmentation: none, or crop_flip (random 32×32 crop of the image "
-                                "reflect-padded by 4, then a random left–right flip; the published study's)")
-    # --- model
-    arch: str = _opt("small", "encoder/decoder preset: small (the BA study write-up's model, ≈215k parameters), "
-                              "resnet (wide, with residual blocks) or sonnet (the model the published BA study's "
-                              "code trained: DeepMind's sonnet VQ-VAE example, bottleneck residual blocks, ≈667k)")
-    n_hid: Optional[int] = _opt(None, "hidden channels of the first conv (empty: 64 for small, 128 for resnet)")
-    latent_dim: Optional[int] = _opt(None, "code dimension D (empty: 64 for small, 256 for resnet)")
-    latent_norm: str = _opt("none", "none, or l2: each encoder output vector scaled to unit length before the quantizer "
-                                    "(either quantizer; fixes the latents' scale by construction, codes are not constrained)")
-    # --- quantizer, both kinds
-    quantizer: str = _opt("vq_ema", "vq_ema (nearest code, EMA codebook) or ba_vq (Blahut–Arimoto soft assignments)")
-    codebook_size: int = _opt(512, "number of codes K")
-    commitment_weight: float = _opt(0.25, "weight of ‖z_e − sg(z_q)‖² pulling encoder outputs to their codes")
-    codebook_init: str = _opt("kmeans", "kmeans (k-means++ then Lloyd on encoder outputs of random training images), "
-                                        "uniform (±1/K), or kmeans_val (the same on the first validation batch: what "
-                                        "the published baseline did by accident; for the published sweep only)")
-    kmeans_iters: int = _opt(10, "Lloyd iterations after k-means++ seeding")
-    ema_decay: float = _opt(0.99, "decay of the EMA codebook statistics (vq_ema; ba_vq with ba_codebook_update ema)")
-    ema_eps: float = _opt(1e-5, "Laplace smoothing of the EMA cluster sizes")
-    dead_code_threshold: float = _opt(0.0, "re-seed codes whose EMA usage (assignments per batch) falls below this "
-                                           "from random encoder outputs of the batch (0: off; EMA codebooks only)")
-    # --- vq_ema only
-    grad_estimator: str = _opt("ste", "gradient through the quantizer: ste (straight-through copy) or rotation "
-                                      "(rotation trick, Fifty et al. 2024)")
-    # --- ba_vq only
-    beta_start: float = _opt(0.5, "inverse temperature β at the start of training")
-    beta_end: float = _opt(3.0, "β at the end of training (β_end < β_start anneals in reverse)")
-    beta_schedule: str = _opt("step", "update β by the cosine schedule every optimizer step or once per epoch")
-    beta_units: str = _opt("absolute", "what β multiplies: absolute (‖e − c‖² as it is), relative (‖e − c‖² / σ, σ a "
-                                       "running mean of the squared distance from each latent to its code) or critical "
-                                       "(σ = 2·λ_max, λ_max a running largest eigenvalue of the latents' covariance, so "
-                                       "β = 1 is deterministic annealing's first critical point); relative and critical "
-                                       "make β dimensionless: one schedule means the same whatever scale the encoder picks")
-    ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass")
-    ba_prior: str = _opt("uniform", "initial marginal Q of each forward: uniform (1/K) or running (EMA over batches)")
-    ba_prior_decay: float = _opt(0.99, "EMA decay of the running marginal (ba_prior running)")
-    ba_reseed_prior: str = _opt("keep", "running-prior share of a code re-seeded by dead_code_threshold: keep (the "
-                                        "share it had decayed to) or uniform (1/K, then the prior is renormalised)")
-    entropy_weight: float = _opt(0.01, "weight of −H(Q), rewarding a spread-out code marginal")
-    codebook_weight: float = _opt(1.0, "weight of ‖sg(z_e) − z_q‖² moving codes (ba_codebook_update grad)")
-    ba_codebook_update: str = _opt("grad", "codes move by gradient (grad), by an EMA of soft-weighted encoder outputs "
-                                           "(ema), or by both (grad_ema: gradient, and each step c ← d·c + (1−d)·Σp·e / "
-                                           "max(Σp, 1e-6) with d = ema_decay, the published layer's)")
-    ba_grad_through_iters: bool = _opt(False, "backpropagate through every E/M iteration (the published layer) instead "
-                                              "of only the last E-step; keeps ba_iters − 1 N×K matrices for backward")
-    ba_eval: str = _opt("prior", "code at evaluation: prior (argmax log Q − β·d with Q the uniform or running prior; "
-                                 "uniform gives the nearest code) or batch (the training assignment: ba_iters − 1 E/M "
-                                 "iterations on each validation batch first, as the published study; codes then "
-                                 "depend on the other images of the batch and on eval_batch_size)")
-    ba_fast_path: bool = _opt(True, "BA's last E-step by BAEStep, its hand-derived backward (faster, less memory); "
-                                    "false: by ba_e_step, the plain autograd definition (edit that one)")
-    ba_output: str = _opt("hard", "decoder input in training: hard (argmax code, soft gradient), soft (Σ p·c) or ste "
-                                  "(argmax code, straight-through gradient to the encoder as in vq_ema; p(k|e) still "
-                                  "sets Q, the entropy term and the codebook's update)")
-    # --- training
-    epochs: int = _opt(10, "training epochs")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); the β schedule spans the shortened run")
-    batch_size: int = _opt(128, "training batch size; under torchrun the global batch, split evenly among the processes")
-    eval_batch_size: int = _opt(128, "validation batch size: the batch of the published-convention metrics "
-                                     "(psnr_batch, perplexity_batch, usage_batch); dataset-level metrics do not depend on it")
-    lr: float = _opt(3e-4, "AdamW learning rate")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    log_every: int = _opt(50, "log batch metrics every N steps (with checkpoint steps, the only steps that read values "
-                                  "back from the device)")
-    checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt, a full resumable checkpoint, every N epochs (0: only last.pt)")
-    save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
-    detect_anomaly: bool = _opt(False, "autograd anomaly detection, to find the operation that made a NaN (slow)")
-    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions (same results, faster on most devices)")
-    compile: bool = _opt(False, "torch.compile the encoder and decoder (slow first steps, faster after on GPU)")
-    deterministic: bool = _opt(False, "deterministic kernels only (torch.use_deterministic_algorithms): on CUDA the "
-                                      "same run then gives the same bits, and a resumed run the uninterrupted one's "
-                                      "(slower); CPU runs here are bitwise repeatable without it")
-    # --- logging
-    wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)")
-    wandb_project: str = _opt("bavq", "W&B project name")
-    wandb_group: str = _opt("", "W&B run group (a sweep sets it to the study's name)")
+    name: str = _opt("", "experiment name: results go to <out_dir>/<name>/ (empty: <quantizer>_K<K>_<arch>_<time>)", "experiment")
+    out_dir: str = _opt("experiments", "parent directory of experiment directories", "experiment")
+    seed: int = _opt(1337, "seed for initialisation and data order", "experiment")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "experiment")
+    precision: str = _opt("fp32", "fp32 or bf16 (autocast for encoder/decoder; quantizer math stays fp32)", "experiment")
+    dataset: str = _opt("cifar10", "cifar10 (torchvision, downloads), folder (train/ and test/ image folders) or synthetic", "data")
+    data_dir: str = _opt("data", "where cifar10 is downloaded to or found, or the image folder's root", "data")
+    synthetic_size: int = _opt(4096, "synthetic dataset: number of training images (test set: a quarter of it)", "data")
+    pixel_range: str = _opt("signed", "images as the model sees them: signed ([−1, 1]) or unit ([0, 1], the published study's)", "data")
+    augment: str = _opt("none", "none, or crop_flip (random crop of the 4-pixel reflect-padded image, random flip)", "data")
+    arch: str = _opt("small", "encoder/decoder: small (≈215k parameters), resnet (wide, residual) or sonnet (the published "
+                              "BA study's: DeepMind's sonnet VQ-VAE example, ≈667k)", "model")
+    n_hid: Optional[int] = _opt(None, "hidden channels of the first conv (empty: 64 for small, 128 for resnet)", "model")
+    latent_dim: Optional[int] = _opt(None, "code dimension D (empty: 64 for small, 256 for resnet)", "model")
+    latent_norm: str = _opt("none", "none, or l2: each encoder output vector scaled to unit length", "model")
+    quantizer: str = _opt("vq_ema", "vq_ema (nearest code, EMA codebook), ba_vq (Blahut–Arimoto) or fsq (no codebook)", "quantizer")
+    codebook_size: int = _opt(512, "number of codes K", "codebook (vq_ema, ba_vq)")
+    commitment_weight: float = _opt(0.25, "weight of ‖z_e − sg(z_q)‖² (0 reproduces the published BA code)", "codebook (vq_ema, ba_vq)")
+    codebook_init: str = _opt("kmeans", "kmeans (on encoder outputs of training images), uniform (±1/K), or kmeans_val "
+                                        "(published recipe: on the first validation batch)", "codebook (vq_ema, ba_vq)")
+    kmeans_iters: int = _opt(10, "Lloyd iterations after k-means++ seeding", "codebook (vq_ema, ba_vq)")
+    ema_decay: float = _opt(0.99, "decay of an EMA codebook's statistics", "codebook (vq_ema, ba_vq)")
+    dead_code_threshold: float = _opt(0.0, "re-seed codes whose EMA usage (assignments per batch) falls below this from the "
+                                           "batch's encoder outputs (0: off)", "codebook (vq_ema, ba_vq)")
+    grad_estimator: str = _opt("ste", "ste (straight-through copy) or rotation (rotation trick, Fifty et al. 2024)", "vq_ema")
+    beta_start: float = _opt(0.5, "inverse temperature β at the first step; a cosine schedule takes it to beta_end", "ba_vq")
+    beta_end: float = _opt(3.0, "β at the last step (β_end < β_start anneals in reverse)", "ba_vq")
+    beta_units: str = _opt("absolute", "what β multiplies: absolute (‖e − c‖²), relative (‖e − c‖² / σ, σ the running mean "
+                                       "distance to the code) or critical (σ = 2·λ_max of the latents: β = 1 the first "
+                                       "critical point)", "ba_vq")
+    ba_iters: int = _opt(1, "Blahut–Arimoto E/M iterations per forward pass", "ba_vq")
+    ba_prior: str = _opt("uniform", "Q each forward starts from: uniform (1/K) or running (EMA of batch marginals: the rate term)", "ba_vq")
+    ba_reseed_prior: str = _opt("keep", "a re-seeded code's running-prior share: keep (as decayed) or uniform (1/K)", "ba_vq")
+    entropy_weight: float = _opt(0.01, "weight of −H(Q), rewarding a spread-out code marginal", "ba_vq")
+    codebook_weight: float = _opt(1.0, "weight of ‖sg(z_e) − z_q‖² (codes moved by gradient; 0 reproduces the published code)", "ba_vq")
+    ba_codebook_update: str = _opt("grad", "codes move by gradient (grad), by an EMA of p-weighted encoder outputs (ema), or "
+                                           "both (grad_ema, published recipe)", "ba_vq")
+    ba_output: str = _opt("hard_soft_grad", "decoder input: hard_soft_grad (argmax code, gradient of Σ p·c), soft (Σ p·c) or "
+                                            "hard_ste (argmax code, straight-through gradient)", "ba_vq")
+    ba_fast_path: bool = _opt(True, "BAEStep and a nearest-code evaluation; false: straight from ba_logits (after editing it)", "ba_vq")
+    ba_grad_through_iters: bool = _opt(False, "backpropagate through every E/M iteration, not only the last", "ba_vq: published recipe")
+    ba_eval: str = _opt("prior", "code at evaluation: prior (argmax log Q − β·d, Q the prior) or batch (after E/M iterations on "
+                                 "each validation batch)", "ba_vq: published recipe")
+    fsq_levels: list[int] = _opt([8, 5, 5, 5], "levels per channel: 8,5,5,5 gives K = 1,000, 8,8,8,6,5 K = 15,360", "fsq")
+    epochs: int = _opt(10, "training epochs", "training")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit); β's schedule spans the shortened run", "training")
+    batch_size: int = _opt(128, "training batch size; under torchrun the global batch, split evenly among the processes", "training")
+    eval_batch_size: int = _opt(128, "validation batch, the one of the published-convention (_batch) metrics", "training")
+    lr: float = _opt(3e-4, "AdamW learning rate", "training")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay", "training")
+    log_every: int = _opt(50, "log batch metrics every N steps (the only steps that read values back from the device)", "training")
+    checkpoint_freq: int = _opt(1, "write checkpoint_epoch<N>.pt, a full resumable checkpoint, every N epochs (0: only last.pt)", "training")
+    save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)", "training")
+    detect_anomaly: bool = _opt(False, "autograd anomaly detection, to find the operation that made a NaN (slow)", "training")
+    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions (same results, faster on most devices)", "training")
+    compile: bool = _opt(False, "torch.compile the encoder and decoder (slow first steps, faster after)", "training")
+    deterministic: bool = _opt(False, "deterministic kernels only: CUDA runs repeat their bits (CPU runs do anyway)", "training")
+    wandb: bool = _opt(True, "log to Weights & Biases when it is installed (falls back to offline, never blocks)", "logging")
+    wandb_project: str = _opt("bavq", "W&B project name", "logging")
+    wandb_group: str = _opt("", "W&B run group (a sweep sets it to the study's name)", "logging")
 
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(Config))
-# Keys whose change makes a checkpoint mean something else: refused on --resume.
-STRUCTURAL_KEYS = ("arch", "n_hid", "latent_dim", "quantizer", "codebook_size", "dataset", "ba_codebook_update",
-                   "pixel_range")
+DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(Config)}
+# The one list of keys that do not change a run's results: where it writes, how fast, how it logs.
+# Every other key does: a sweep does not count a finished run made with another value as that run,
+# and --resume refuses to change one, except the run's length (epochs, max_steps), which it may extend.
+RUNTIME_KEYS = ("name", "out_dir", "device", "data_dir", "log_every", "checkpoint_freq", "save_every_steps",
+                "detect_anomaly", "channels_last", "compile", "deterministic", "wandb", "wandb_project", "wandb_group")
+LENGTH_KEYS = ("epochs", "max_steps")
 
 
 def _field_type(f: dataclasses.Field):
@@ -354,7 +327,7 @@ def _field_type(f: dataclasses.Field):
     text = str(f.type)
     optional = text.startswith("Optional[")
     base = text[len("Optional["):-1] if optional else text
-    return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
+    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list}[base], optional
 
 
 def _coerce(key: str, value, where: str):
@@ -367,7 +340,15 @@ def _coerce(key: str, value, where: str):
         if kind is str and value is not None:
             return value
         raise VQVAEError(f"{key}: a value is required ({where})")
+    if isinstance(value, dict):
+        raise VQVAEError(f"{key}: holds a mapping ({where}), but config keys are flat: write the keys inside it at "
+                         f"the top level (e.g. 'arch: small', not 'model: {{arch: small}}')")
     try:
+        if kind is list:  # a YAML list, or "8,5,5,5" / "[8, 5, 5, 5]" from the command line
+            items = value if isinstance(value, list) else str(value).strip("[] ").split(",")
+            if not items or any(isinstance(v, (bool, float)) for v in items):
+                raise ValueError
+            return [int(str(v).strip()) for v in items]
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -382,11 +363,12 @@ def _coerce(key: str, value, where: str):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)  # also takes YAML's '3e-4', which PyYAML reads as a string
-        if isinstance(value, (dict, list)):
+        if isinstance(value, list):
             raise ValueError
-        return str(value)
+        return VALUE_ALIASES.get(key, {}).get(str(value), str(value))
     except (TypeError, ValueError):
-        raise VQVAEError(f"{key}: expected {kind.__name__}, got {value!r} ({where})") from None
+        kind_name = "a list of integers" if kind is list else kind.__name__
+        raise VQVAEError(f"{key}: expected {kind_name}, got {value!r} ({where})") from None
 
 
 def read_yaml(path) -> dict:
@@ -396,7 +378,9 @@ def read_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise VQVAEError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise VQVAEError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -405,15 +389,44 @@ def read_yaml(path) -> dict:
 
 
 def apply_overrides(cfg: Config, values: dict, where: str) -> Config:
-    """A copy of cfg with `values` set; unknown keys are an error naming the nearest valid key."""
-    for key in values:
-        if key not in CONFIG_KEYS:
-            raise VQVAEError(f"unknown config key '{key}' in {where}{nearest_name(key, CONFIG_KEYS)}")
+    """cfg with `values` set; an unknown key names the nearest valid one; retired keys at their value drop."""
+    values = dict(values)
+    for key in list(values):
+        if key in RETIRED_KEYS and values[key] == RETIRED_KEYS[key]:
+            del values[key]
+        elif key in RETIRED_KEYS:
+            raise VQVAEError(f"{key} {values[key]!r} ({where}): this version no longer has {key}; it always "
+                             f"behaves as {key} {RETIRED_KEYS[key]!r}")
+        elif key not in CONFIG_KEYS:
+            hint = nearest_name(key, CONFIG_KEYS)
+            if isinstance(values[key], dict):
+                hint += "; config keys are flat: write the keys inside it at the top level"
+            raise VQVAEError(f"unknown config key '{key}' in {where}{hint}")
     return dataclasses.replace(cfg, **{k: _coerce(k, v, where) for k, v in values.items()})
 
 
+def quantizer_keys() -> set:
+    """Every key that some quantizer declares as its own option."""
+    return {key for cls in QUANTIZERS.values() for key in cls.options}
+
+
+def applicable(values: dict, quantizer: str) -> dict:
+    """values less the options of quantizers other than `quantizer` (how a sweep base and saved configs are read)."""
+    own = QUANTIZERS[quantizer].options if quantizer in QUANTIZERS else ()
+    return {k: v for k, v in values.items() if k not in quantizer_keys() or k in own}
+
+
 def validate(cfg: Config) -> Config:
-    """Reject invalid values with one clear line, before any work; fill in the arch presets."""
+    """Reject invalid values with one clear line, before any work; fill in the arch presets. The chosen
+    quantizer's class checks its options; another quantizer's option is refused unless at its default."""
+    if cfg.quantizer not in QUANTIZERS:
+        raise VQVAEError(f"quantizer: unknown value '{cfg.quantizer}'{nearest_name(cfg.quantizer, QUANTIZERS)}; "
+                         f"choose from {', '.join(QUANTIZERS)}")
+    own = QUANTIZERS[cfg.quantizer].options
+    for key in sorted(quantizer_keys() - set(own)):
+        if getattr(cfg, key) != DEFAULTS[key]:
+            users = ", ".join(name for name, cls in QUANTIZERS.items() if key in cls.options)
+            raise VQVAEError(f"{key} applies to {users} only, not to quantizer {cfg.quantizer}; leave it out")
     for key, choices in CHOICES.items():
         value = getattr(cfg, key)
         if value not in choices:
@@ -429,32 +442,24 @@ def validate(cfg: Config) -> Config:
     for key in ("n_hid", "latent_dim"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise VQVAEError(f"{key} must be ≥ 1, got {getattr(cfg, key)}")
-    positive = ("lr", "beta_start", "beta_end", "ema_eps")
+    positive = ("lr", "beta_start", "beta_end")
     non_negative = ("weight_decay", "commitment_weight", "entropy_weight", "codebook_weight", "dead_code_threshold")
     for key in positive + non_negative:
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
             raise VQVAEError(f"{key} must be a finite number {'> 0' if key in positive else '≥ 0'}, got {value}")
-    for key in ("ema_decay", "ba_prior_decay"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise VQVAEError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if cfg.quantizer == "ba_vq" and cfg.grad_estimator != "ste":
-        raise VQVAEError("grad_estimator rotation applies to vq_ema only; ba_vq's gradient flows through p(k|e)")
-    if cfg.dead_code_threshold > 0 and cfg.quantizer == "ba_vq" and cfg.ba_codebook_update != "ema":
-        raise VQVAEError("dead_code_threshold needs an EMA codebook: vq_ema, or ba_vq with ba_codebook_update ema")
-    if cfg.ba_reseed_prior != "keep" and not (cfg.quantizer == "ba_vq" and cfg.ba_prior == "running"
-                                               and cfg.dead_code_threshold > 0):
-        raise VQVAEError("ba_reseed_prior uniform needs a prior to reset and codes to re-seed: "
-                         "quantizer ba_vq, ba_prior running and dead_code_threshold > 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise VQVAEError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    QUANTIZERS[cfg.quantizer].check(cfg)
     preset = ARCH_PRESETS[cfg.arch]
     return dataclasses.replace(cfg, n_hid=cfg.n_hid or preset["n_hid"], latent_dim=cfg.latent_dim or preset["latent_dim"])
 
 
 def load_config(yaml_path=None, overrides: Optional[dict] = None, base: Optional[dict] = None) -> Config:
-    """defaults ← base (a saved run's config, when resuming) ← YAML file ← overrides (flags)."""
+    """defaults ← base (a saved run's config, its own quantizer's options) ← YAML file ← overrides (flags)."""
     cfg = Config()
     if base:
-        cfg = apply_overrides(cfg, base, "the saved run config")
+        cfg = apply_overrides(cfg, applicable(base, base.get("quantizer", cfg.quantizer)), "the saved run config")
     if yaml_path:
         cfg = apply_overrides(cfg, read_yaml(yaml_path), str(yaml_path))
     if overrides:
@@ -462,18 +467,14 @@ def load_config(yaml_path=None, overrides: Optional[dict] = None, base: Optional
     return validate(cfg)
 
 
-def config_reference() -> str:
-    """Every config key as a Markdown table (key, default, meaning), from Config itself: the
-    README's key table is this text, and a test keeps it so."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(Config):
-        default = "empty" if f.default in ("", None) else f.default
-        rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help'].replace('|', '/')} |")
-    return "\n".join(rows) + "\n"
+def result_differences(saved: dict, cfg: Config, allow=()) -> list[tuple]:
+    """(key, then, now) where a saved config differs from cfg in a result-changing key: what resume and sweeps check."""
+    then, now = dataclasses.asdict(load_config(base=saved)), dataclasses.asdict(cfg)
+    return [(k, then[k], now[k]) for k in now if k not in RUNTIME_KEYS + tuple(allow) and then[k] != now[k]]
 
 
 def config_to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,8 +487,7 @@ CACHE_VERSION = "1"
 
 
 def make_synthetic(n: int, seed: int) -> np.ndarray:
-    """Deterministic structured images (n, 32, 32, 3) uint8: a two-colour gradient background with
-    one to three discs, rectangles or stripe patches on it. Needs no files or network."""
+    """Deterministic images (n, 32, 32, 3) uint8: gradient backgrounds with discs, rectangles or stripes."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
@@ -517,8 +517,7 @@ def make_synthetic(n: int, seed: int) -> np.ndarray:
 
 
 def _decode_image(path: Path) -> np.ndarray:
-    """One image file → (32, 32, 3) uint8: converted to RGB, centre-cropped to a square and resized
-    when it is not already 32×32."""
+    """One image file → (32, 32, 3) uint8 RGB; centre-cropped to a square and resized unless already 32×32."""
     from PIL import Image
 
     try:
@@ -535,15 +534,13 @@ def _decode_image(path: Path) -> np.ndarray:
 
 
 def load_image_folder(root: Path, split: str) -> np.ndarray:
-    """All images under root/split (any class sub-folders) as (N, 32, 32, 3) uint8, in sorted path
-    order. Decoded once, then cached in root/.vqvae_cache/ keyed by the files' names, sizes and
-    modification times."""
+    """Images under root/split (any sub-folders) as (N, 32, 32, 3) uint8 in path order, cached in root/.vqvae_cache/."""
     folder = root / split
     if not folder.is_dir():
         raise VQVAEError(
             f"image folder {folder} not found: --dataset folder needs --data_dir with train/ and test/ "
             f"sub-folders of images (for a CIFAR-10 copy as image files, e.g. cifar10-jpeg.tar.gz: tar xzf "
-            f"cifar10-jpeg.tar.gz -C /tmp and --data_dir /tmp/cifar10-jpeg), or use --dataset cifar10 to download it")
+            f"cifar10-jpeg.tar.gz -C DIR and --data_dir DIR/cifar10-jpeg), or use --dataset cifar10 to download it")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise VQVAEError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
@@ -570,12 +567,14 @@ def load_cifar10(data_dir: Path):
     """torchvision's CIFAR-10, downloaded into data_dir when it is not already there."""
     from torchvision.datasets import CIFAR10
 
-    old_timeout = socket.getdefaulttimeout()
+    old_timeout, made = socket.getdefaulttimeout(), not data_dir.exists()
     socket.setdefaulttimeout(30)  # a dead network fails in seconds rather than hanging
     try:
         train = CIFAR10(str(data_dir), train=True, download=True)
         test = CIFAR10(str(data_dir), train=False, download=False)
     except Exception as e:
+        if made and data_dir.is_dir() and not any(data_dir.iterdir()):
+            data_dir.rmdir()  # a failed start leaves no empty directory behind
         raise VQVAEError(
             f"could not get CIFAR-10 into --data_dir {data_dir} ({type(e).__name__}: {e}). Offline? Put "
             f"torchvision's cifar-10-batches-py/ in --data_dir, or use --dataset folder --data_dir DIR with "
@@ -596,14 +595,12 @@ def load_dataset(cfg: Config):
 
 
 def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, 32, 32, 3) uint8 numpy → uint8 tensor on device, shaped (N, 3, 32, 32) but stored
-    channels-last (NHWC), the layout the images come in and the fast one for convolutions."""
+    """(N, 32, 32, 3) uint8 numpy → uint8 (N, 3, 32, 32) on device, stored channels-last as it comes."""
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
 
 
 def normalize(x_uint8: torch.Tensor, pixel_range: str = "signed") -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1] (signed) or [0, 1] (unit), on the device, per batch; the memory
-    layout is kept."""
+    """uint8 [0, 255] → float [−1, 1] (signed) or [0, 1] (unit), on the device; the memory layout is kept."""
     if pixel_range == "unit":
         return x_uint8.float().div_(255.0)
     return x_uint8.float().div_(127.5).sub_(1.0)
@@ -616,8 +613,7 @@ def to_unit_range(x: torch.Tensor, pixel_range: str) -> torch.Tensor:
 
 def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int, channels_last: bool = True,
               shard: tuple = (0, 1), pixel_range: str = "signed"):
-    """Batch i of an epoch's permutation, as float (B, 3, 32, 32) in the model's range and layout.
-    shard (rank, processes): this process's contiguous share of the global batch."""
+    """Batch i of a permutation as float (B, 3, 32, 32); shard (rank, processes): this process's share."""
     rank, n = shard
     local = batch_size // n
     start = i * batch_size + rank * local
@@ -626,12 +622,10 @@ def get_batch(x_uint8: torch.Tensor, perm: torch.Tensor, i: int, batch_size: int
 
 
 def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, shard: tuple = (0, 1), pad: int = 4) -> torch.Tensor:
-    """Training augmentation (augment: crop_flip): each image of x (B, C, H, W) cropped back to H×W
-    at a random offset from its copy reflect-padded by `pad`, then flipped left–right with
-    probability ½ — torchvision's RandomCrop(padding, reflect) + RandomHorizontalFlip, done for the
-    whole batch on the device. The draws come from `generator` for the whole global batch
-    (shard: rank, processes), so a run is the same whatever the number of processes and resumes
-    bitwise once the generator's state is restored."""
+    """augment crop_flip: each image of x (B, C, H, W) cropped back to H×W at a random offset of its copy
+    reflect-padded by `pad`, then flipped left–right with probability ½ (torchvision's RandomCrop +
+    RandomHorizontalFlip), on the device. Drawn for the whole global batch (shard: rank, processes),
+    so a run is the same whatever the number of processes and resumes bitwise."""
     rank, n = shard
     B, C, H, W = x.shape
     draws = generator.device
@@ -665,8 +659,7 @@ class ResidualBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """x → relu(x + conv1×1(relu(conv3×3(x)))), the 3×3 conv narrowed to a quarter of the channels
-    (the residual block of DeepMind's sonnet VQ-VAE example)."""
+    """x → relu(x + conv1×1(relu(conv3×3(x)))), 3×3 conv at a quarter of the channels (sonnet's block)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -678,8 +671,7 @@ class BottleneckBlock(nn.Module):
 
 
 def make_encoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
-    """(B, 3, 32, 32) → z_e (B, latent_dim, 8, 8). ReLUs work in place (a convolution's backward
-    needs its input, not its output), which saves a pass over each activation."""
+    """(B, 3, 32, 32) → z_e (B, latent_dim, 8, 8); in-place ReLUs (a conv's backward needs its input only)."""
     if arch == "small":
         return nn.Sequential(
             nn.Conv2d(3, n_hid, 4, stride=2, padding=1), nn.ReLU(inplace=True),          # (B, n_hid, 16, 16)
@@ -721,19 +713,23 @@ def make_decoder(arch: str, n_hid: int, latent_dim: int) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantizers. One contract: z_e (B, D, H, W) → (z_q (B, D, H, W), dict of named losses,
-# indices (B, H, W)). All distance and assignment math runs in fp32, also under autocast.
+# Quantizers. Every one keeps the same contract (class Quantizer), so the training loop names none:
+#   forward(z_e (B, D, H, W)) → z_q (B, D, H, W), {loss name: scalar}, indices (B, H, W) in [0, K)
+#   codebook_size (K); options, the Config keys it reads, and check(cfg), run before any work;
+#   before_step(step, total_steps) for schedules such as β; log_values() for numbers to log;
+#   init_from_data(cfg) and init_codebook(...) for a k-means start, if it has a codebook.
+# A new quantizer is one class with @register("name"). Assignment math runs in fp32, also under autocast.
 # ---------------------------------------------------------------------------------------------
 
-# N×K work (distances, BA logits) runs in row chunks, so memory is O(chunk × K) whatever N is. On a
-# CPU a chunk holds CHUNK_ELEMENTS entries (2 MiB in fp32: small enough to stay in a core's cache,
-# large enough for efficient matmuls) and at least MIN_CHUNK_ROWS rows (below that the matmuls
-# starve); on a GPU, where every chunk costs kernel launches, GPU_CHUNK_ELEMENTS (64 MiB).
-# The BA E-step keeps p(k|e) for backward when the whole N×K matrix has at most KEEP_ELEMENTS
-# entries (64 MiB) and recomputes it chunk by chunk when it is larger.
+# N×K work (distances, BA logits) runs in row chunks: memory O(chunk × K) whatever N is. A CPU chunk
+# holds CHUNK_ELEMENTS entries (2 MiB of fp32, cache-sized) and at least MIN_CHUNK_ROWS rows; a GPU
+# chunk GPU_CHUNK_ELEMENTS (64 MiB: each chunk costs kernel launches). The BA E-step keeps p(k|e) for
+# backward while N×K ≤ KEEP_ELEMENTS, and recomputes it chunk by chunk beyond.
 CHUNK_ELEMENTS = 2**19
 PRIOR_FLOOR = 1e-20  # smallest running-prior share a code keeps (its log stays finite)
-SCALE_DECAY = 0.99   # EMA decay of σ, BA's distance unit with beta_units relative
+PRIOR_DECAY = 0.99   # EMA decay of BA's running prior (ba_prior running), the published layer's
+SCALE_DECAY = 0.99   # EMA decay of σ, BA's distance unit with beta_units relative or critical
+EMA_EPS = 1e-5       # Laplace smoothing of the EMA codebooks' cluster sizes
 GPU_CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_ROWS = 32
 KEEP_ELEMENTS = 2**24
@@ -757,10 +753,7 @@ ARGMAX_BLOCK = 64
 
 
 def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
-    """scores (n, K) → (n,) index of the first maximum of each row, as scores.argmax(1) gives.
-    On a CPU, when K is a multiple of ARGMAX_BLOCK, it takes the maximum of each block of 64 codes
-    first (a vectorised pass, ~10x faster than argmax there), then the argmax among the block
-    maxima and within the winning block: 3x faster at K=16,384."""
+    """scores (n, K) → each row's first argmax; on a CPU by blocks of 64 codes first (3× faster at K = 16,384)."""
     n, K = scores.shape
     if K % ARGMAX_BLOCK or scores.device.type != "cpu":
         return scores.argmax(1)
@@ -771,11 +764,9 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """argmin_k ‖z_n − c_k‖² − bias_k for each row of z (N, D) → (N,) long, in row chunks so memory
-    stays O(chunk × K). ‖z_n‖² is the same for every k, so the score 2 z·c − ‖c‖² + bias suffices.
-    (Results go into one preallocated tensor: a list of small per-chunk results interleaved with
-    the chunk-sized score matrices fragments the CPU heap, by gigabytes at large K.) Where the CPU
-    multiplies bf16 natively and K is large, the same answer comes faster from nearest_code_screened."""
+    """argmin_k ‖z_n − c_k‖² − bias_k for each row of z (N, D) → (N,), in row chunks (memory O(chunk × K);
+    one preallocated result, since small per-chunk results fragment the CPU heap at large K). The score
+    2 z·c − ‖c‖² + bias suffices. With native bf16 and large K, nearest_code_screened is faster."""
     if bias is None and screen_applies(z, codebook):
         return nearest_code_screened(z, codebook)
     with torch.no_grad():
@@ -786,11 +777,10 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.T
         return idx
 
 
-# The bf16 screen. A CPU with native bf16 dot products (AVX512-BF16 or AMX) multiplies bf16 several
-# times faster than fp32 (5× on this project's CPU), and at large K the fp32 score matmul is most of
-# a VQ step and of validation. The screen scores every code in bf16, keeps the few codes whose exact
-# score could still be the best, and decides among them in fp32. Below SCREEN_MIN_K the plain fp32
-# pass is as fast. SCREEN_ALPHA bounds the bf16 error (see nearest_code_screened).
+# The bf16 screen. A CPU with native bf16 dot products (AVX512-BF16, AMX) multiplies bf16 5× faster than
+# fp32, and at large K the score matmul is most of a VQ step. The screen scores every code in bf16,
+# keeps the few whose exact score could still be the best, and decides among them in fp32 (below
+# SCREEN_MIN_K the fp32 pass is as fast). SCREEN_ALPHA bounds the bf16 error (nearest_code_screened).
 SCREEN_MIN_K = 2048
 SCREEN_ALPHA = 9 * 2**-11  # 2.25 u, u = 2⁻⁸ (bf16's unit roundoff)
 SCREEN_CHUNK_ELEMENTS = 2**22
@@ -859,10 +849,9 @@ KMEANS_SEEDING_ROUNDS = 256
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) then `iters` Lloyd steps on x (N, D) → (k, D).
-    Seeding draws centres with probability ∝ squared distance to the nearest centre chosen so far;
-    for k > KMEANS_SEEDING_ROUNDS it draws ⌈k / rounds⌉ distinct centres per round, so large
-    codebooks take seconds rather than minutes. A cluster that ends up empty keeps its centre."""
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), ⌈k / KMEANS_SEEDING_ROUNDS⌉ distinct centres per
+    round (seconds, not minutes, at large k), then `iters` Lloyd steps: x (N, D) → (k, D). An empty
+    cluster keeps its centre."""
     n = x.shape[0]
     if n < k:
         raise VQVAEError(f"k-means init needs at least K={k} vectors, got {n}")
@@ -889,22 +878,59 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     return centers
 
 
-class Quantizer(nn.Module):
-    """What both quantizers share: a (K, D) codebook, its k-means initialisation, and (when the
-    codebook is moved by EMA rather than by gradient) the EMA statistics in buffers, so that
-    checkpoints carry them."""
+def register(name: str):
+    """Class decorator: make a quantizer class available as `quantizer: name`."""
+    def add(cls):
+        QUANTIZERS[name] = cls
+        return cls
+    return add
 
-    def __init__(self, codebook_size: int, dim: int, ema: bool, ema_decay: float, ema_eps: float,
-                 dead_code_threshold: float = 0.0):
+
+class Quantizer(nn.Module):
+    """The contract every quantizer keeps, with do-nothing defaults (see the section's head)."""
+
+    options: tuple = ()  # the Config keys it reads; those of other quantizers are refused
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse a bad combination of this quantizer's own options, before any work."""
+
+    @classmethod
+    def num_codes(cls, cfg) -> int:
+        """K, the number of codes its indices range over."""
+        return cfg.codebook_size
+
+    @classmethod
+    def init_from_data(cls, cfg) -> bool:
+        """Whether training starts by calling init_codebook on encoder outputs."""
+        return False
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        """Called by the training loop before each optimizer step: schedules live here."""
+
+    def log_values(self) -> dict:
+        """Numbers of its own state to log with every training and validation record."""
+        return {}
+
+
+class CodebookQuantizer(Quantizer):
+    """A (K, D) codebook, its k-means start, EMA statistics in buffers (EMA codebooks) and dead-code re-seeding."""
+
+    options = ("codebook_size", "commitment_weight", "codebook_init", "kmeans_iters", "ema_decay", "dead_code_threshold")
+
+    def __init__(self, cfg, ema: bool):
         super().__init__()
-        K = codebook_size
-        self.codebook_size, self.dim, self.ema, self.ema_decay, self.ema_eps = K, dim, ema, ema_decay, ema_eps
-        self.dead_code_threshold = dead_code_threshold
-        self.codebook = nn.Parameter(torch.empty(K, dim).uniform_(-1 / K, 1 / K), requires_grad=not ema)
+        K = self.codebook_size = cfg.codebook_size
+        self.ema, self.ema_decay, self.dead_code_threshold = ema, cfg.ema_decay, cfg.dead_code_threshold
+        self.codebook = nn.Parameter(torch.empty(K, cfg.latent_dim).uniform_(-1 / K, 1 / K), requires_grad=not ema)
         if ema:
             # cluster_size starts at one and embed_sum at the codebook, so codebook = embed_sum / cluster_size
             self.register_buffer("cluster_size", torch.ones(K))
             self.register_buffer("embed_sum", self.codebook.detach().clone())
+
+    @classmethod
+    def init_from_data(cls, cfg) -> bool:
+        return cfg.codebook_init != "uniform"
 
     @torch.no_grad()
     def init_codebook(self, vectors: torch.Tensor, iters: int, generator: torch.Generator) -> None:
@@ -915,24 +941,21 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, counts: torch.Tensor, sums: torch.Tensor, z: torch.Tensor) -> None:
-        """counts (K,): mass assigned to each code in the (global) batch; sums (K, D): the encoder
-        outputs z (N, D) summed with those weights. Codes become EMA(sums) / Laplace-smoothed
-        EMA(counts); then, with a dead_code_threshold, dead codes are re-seeded from z."""
+        """counts (K,), sums (K, D): each code's (global-batch) mass and the encoder outputs summed with
+        those weights. Codes become EMA(sums) / smoothed EMA(counts), then dead ones are re-seeded from z."""
         self.cluster_size.lerp_(counts, 1 - self.ema_decay)
         self.embed_sum.lerp_(sums, 1 - self.ema_decay)
         n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.ema_eps) / (n + self.codebook_size * self.ema_eps) * n
+        smoothed = (self.cluster_size + EMA_EPS) / (n + self.codebook_size * EMA_EPS) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
             self.reseed_dead_codes(z)
 
     @torch.no_grad()
     def reseed_dead_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes whose EMA usage (cluster_size, in assignments per batch) fell below
-        dead_code_threshold move to random rows of this batch's encoder outputs z (N, D), and their
-        statistics restart at the threshold's mass, so a re-seeded code stays while it wins at least
-        that many vectors per batch. Returns which codes moved, (K,) bool. Branch-free: it never
-        reads a value back from the device."""
+        """Codes whose EMA usage (assignments per batch) fell below dead_code_threshold move to random
+        rows of z (N, D) and restart at the threshold's mass, so one stays while it wins that many per
+        batch. Returns which moved, (K,) bool; reads nothing back from the device."""
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)      # (K, 1)
         picks = z[torch.randint(z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
         broadcast_(picks)  # data-parallel: rank 0's draws, so every process's codebook stays the same
@@ -943,11 +966,9 @@ class Quantizer(nn.Module):
 
 
 def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
-    Trick"): for rows z, q (N, D) returns q in value, with the gradient of s·R·z where R rotates the
-    direction ê of z onto the direction q̂ of q and s = ‖q‖/‖z‖, both treated as constants. So the
-    encoder sees the decoder's gradient rotated back into z's frame and rescaled, instead of the
-    straight-through copy. R = I − 2·r·rᵀ + 2·q̂·êᵀ with r = (ê + q̂)/‖ê + q̂‖ (two reflections)."""
+    """The rotation trick (Fifty et al. 2024): rows z, q (N, D) → q in value, with the gradient of s·R·z,
+    R rotating z's direction ê onto q's q̂ and s = ‖q‖/‖z‖, both constants: the decoder's gradient reaches
+    the encoder rotated into z's frame. R = I − 2·r·rᵀ + 2·q̂·êᵀ, r = (ê + q̂)/‖ê + q̂‖."""
     eps = 1e-12
     z_norm, q_norm = z.detach().norm(dim=1, keepdim=True), q.detach().norm(dim=1, keepdim=True)  # (N, 1)
     e_hat, q_hat = z.detach() / z_norm.clamp_min(eps), q.detach() / q_norm.clamp_min(eps)         # (N, D)
@@ -957,14 +978,15 @@ def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out + (q.detach() - out).detach()
 
 
-class VQEMA(Quantizer):
-    """Nearest-code vector quantization with a straight-through gradient and an EMA codebook
-    (van den Oord et al. 2017, "Neural Discrete Representation Learning", appendix A.1).
-    Loss: commitment_weight · ‖z_e − sg(z_q)‖²; the codebook moves only by EMA. Options: the
-    rotation-trick gradient instead of straight-through, and re-seeding of dead codes."""
+@register("vq_ema")
+class VQEMA(CodebookQuantizer):
+    """Nearest-code vector quantization with a straight-through (or rotation-trick) gradient and an EMA
+    codebook (van den Oord et al. 2017, appendix A.1). Loss: commitment_weight · ‖z_e − sg(z_q)‖²."""
+
+    options = CodebookQuantizer.options + ("grad_estimator",)
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg.codebook_size, cfg.latent_dim, True, cfg.ema_decay, cfg.ema_eps, cfg.dead_code_threshold)
+        super().__init__(cfg, ema=True)
         self.commitment_weight, self.grad_estimator = cfg.commitment_weight, cfg.grad_estimator
 
     def forward(self, z_e):
@@ -985,37 +1007,44 @@ class VQEMA(Quantizer):
             return unflatten_latents(z_q, z_e), losses, idx.view(z_e.shape[0], *z_e.shape[2:])
 
 
-def ba_logits(z: torch.Tensor, codebook: torch.Tensor, c2: torch.Tensor, log_q: torch.Tensor, beta: float):
-    """log Q(k) − β·‖z_n − c_k‖² + β·‖z_n‖² for z (n, D) → (n, K), with c2 = ‖c_k‖². The dropped
-    β‖z_n‖² is the same for every k, so softmax and argmax over k are unchanged."""
+def ba_logits(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float,
+              c2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Blahut–Arimoto assignment rule, written once: edit it here. log p(k|e_n) up to a constant
+    per row, log Q(k) − β·‖z_n − c_k‖², for z (n, D), codebook (K, D), log_q (K,) → (n, K); β·‖z_n‖²
+    is dropped (the same for every k: softmax and argmax over k are unchanged). c2 = ‖c_k‖² (K,), when
+    the caller has it. Every BA step calls it: the E/M iterations, the last E-step and the code at
+    evaluation. BAEStep's backward and the nearest-code form of evaluation are derived from this
+    rule, so after an edit run with ba_fast_path false (the tests check both against it)."""
+    c2 = codebook.pow(2).sum(1) if c2 is None else c2
     return torch.addmm(log_q - beta * c2, z, codebook.t(), alpha=2 * beta)
 
 
+def ba_m_step(log_mass: torch.Tensor, n: int) -> torch.Tensor:
+    """The M-step Q(k) = mean_n p(k|e_n) over the global batch, in the log domain, from this process's log Σ_n p (K,)."""
+    return all_reduce_logsumexp_(log_mass) - math.log(n * world()[1])
+
+
+def batch_marginal(p_sum: torch.Tensor, n: int) -> torch.Tensor:
+    """The M-step on soft counts: global Q from this process's Σ_n p (K,), its gradient through the local rows."""
+    global_q = all_reduce_(p_sum.detach().clone()) / (n * world()[1])
+    return p_sum / n + (global_q - p_sum / n).detach() if p_sum.requires_grad else global_q
+
+
 def ba_e_step(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float, hard: bool, sums: bool):
-    """The last BA E-step, written plainly: the definition, and the place to edit it.
-    p(k|e_n) = softmax_k(log Q(k) − β·‖z_n − c_k‖²) for z (N, D), codebook (K, D), log_q (K,) →
-    z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, Σ_n p(k|e_n)·z_n (K, D)
-    for an EMA codebook (else an empty tensor). z_q is Σ_k p(k|e)·c_k (soft), or the code c_idx with
-    the gradient of the soft one (hard). Autograd differentiates it; each row chunk runs under
-    torch.utils.checkpoint, so backward recomputes the chunk's p instead of keeping N×K of them.
-    Data-parallel, Q and the sums are over the global batch (Q's gradient flows through the local
-    rows, scaled so that DDP's averaging gives the global batch's gradient).
-    BAEStep below is the same computation with a hand-derived backward (faster, less memory); with
-    ba_fast_path: false this function is used instead, so an edit here needs no new derivative."""
+    """The last BA E-step, p(k|e_n) = softmax_k ba_logits, differentiated by autograd: z (N, D), codebook
+    (K, D), log_q (K,) → z_q (N, D): Σ_k p·c_k (soft) or c_argmax with the soft gradient (hard); Q (K,);
+    idx (N,); with `sums`, Σ_n p(k|e_n)·z_n (K, D). Chunks run under checkpoint (backward recomputes p)."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk(z_rows, codebook, log_q):
-        logits = log_q - beta * squared_distances(z_rows, codebook)                 # (n, K)
+        logits = ba_logits(z_rows, codebook, log_q, beta)                           # (n, K)
         p = torch.softmax(logits, dim=1)
         return p @ codebook, p.sum(0), p.t() @ z_rows.detach(), logits.detach().argmax(1)
 
     parts = [checkpoint(chunk, z[rows], codebook, log_q, use_reentrant=False) for rows in row_chunks(z, codebook)]
     z_q_soft = torch.cat([part[0] for part in parts])
-    p_sum = torch.stack([part[1] for part in parts]).sum(0)                         # (K,) local soft counts
+    Q = batch_marginal(torch.stack([part[1] for part in parts]).sum(0), z.shape[0])
     idx = torch.cat([part[3] for part in parts])
-    N = z.shape[0]
-    global_sum = all_reduce_(p_sum.detach().clone())
-    Q = p_sum / N + (global_sum / (N * world()[1]) - p_sum / N).detach()           # value: global; gradient: local / N
     soft_sums = (all_reduce_(torch.stack([part[2] for part in parts]).sum(0)) if sums
                  else codebook.new_empty(0))
     z_q = z_q_soft + (codebook.detach()[idx] - z_q_soft).detach() if hard else z_q_soft
@@ -1023,17 +1052,10 @@ def ba_e_step(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta
 
 
 class BAEStep(torch.autograd.Function):
-    """The fast path of ba_e_step (same values and gradients, checked by the tests), in row chunks: z (N, D), codebook (K, D), log_q (K,) a
-    prior → z_q (N, D), Q = mean_n p (K,), idx = argmax_k p (N,), and, with `sums`, the
-    soft-weighted sums Σ_n p(k|e_n)·e_n (K, D) for an EMA codebook (else an empty tensor).
-    Data-parallel, Q and the sums are over the global batch; backward divides g_Q by the local N,
-    which after DDP's gradient averaging is the global batch's gradient.
-
-    z_q is the expectation Σ_k p(k|e)·c_k (soft), or the code c_idx (hard) with the gradient of the
-    expectation: the value of z_q_soft + sg(c_idx − z_q_soft), without computing z_q_soft.
-    p is kept for backward when N·K ≤ KEEP_ELEMENTS and recomputed chunk by chunk (one more matmul)
-    otherwise, so no N×K matrix is ever whole for large K. With a = dL/dp = g_zq·Cᵀ + g_Q/N and
-    G = dL/dlogits = p ⊙ (a − Σ_k p·a):
+    """ba_e_step with a hand-derived backward, in row chunks (same values and gradients, tested; faster,
+    less memory). p is kept for backward when N·K ≤ KEEP_ELEMENTS, else recomputed chunk by chunk, so no
+    N×K matrix is ever whole at large K. For logits = log Q(k) − β‖z − c_k‖², with a = dL/dp =
+    g_zq·Cᵀ + g_Q/N and G = dL/dlogits = p ⊙ (a − Σ_k p·a):
       dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G,   dL/dlog Q = Σ_n G."""
 
     @staticmethod
@@ -1045,7 +1067,7 @@ class BAEStep(torch.autograd.Function):
         soft_sums = torch.zeros_like(codebook) if sums else codebook.new_empty(0)
         kept = []  # p chunk by chunk, when it is kept for backward
         for rows in row_chunks(z, codebook):
-            logits = ba_logits(z[rows], codebook, c2, log_q, beta)               # (n, K)
+            logits = ba_logits(z[rows], codebook, log_q, beta, c2)              # (n, K)
             idx[rows] = argmax_rows(logits)
             p = torch.softmax(logits, dim=1)
             if not hard:
@@ -1062,7 +1084,7 @@ class BAEStep(torch.autograd.Function):
         ctx.mark_non_differentiable(idx, soft_sums)
         if sums:
             all_reduce_(soft_sums)
-        return z_q, all_reduce_(p_sum) / (N * world()[1]), idx, soft_sums
+        return z_q, batch_marginal(p_sum, N), idx, soft_sums
 
     @staticmethod
     def backward(ctx, g_zq, g_Q, _idx, _sums):
@@ -1075,7 +1097,7 @@ class BAEStep(torch.autograd.Function):
             if kept:
                 p = kept[i]
             else:
-                p = torch.softmax(ba_logits(z_c, codebook, c2, log_q, beta), dim=1)  # (n, K), recomputed
+                p = torch.softmax(ba_logits(z_c, codebook, log_q, beta, c2), dim=1)  # (n, K), recomputed
             g_c.addmm_(p.t(), g_c_rows)                                            # from z_q_soft = p @ C
             a = torch.addmm(g_Q / N, g_c_rows, codebook.t())                       # dL/dp (n, K)
             G = a.sub_(torch.linalg.vecdot(p, a).unsqueeze(1)).mul_(p)             # dL/dlogits, in a's memory
@@ -1088,38 +1110,48 @@ class BAEStep(torch.autograd.Function):
         return g_z, g_c, g_log_q, None, None, None
 
 
-class BAVQ(Quantizer):
-    """Blahut–Arimoto soft quantizer (Blahut 1972; Arimoto 1972), with the inverse temperature β
-    annealed as in Rose's deterministic annealing. Per forward, `ba_iters` alternations of
-      E: p(k|e) = softmax_k(log Q(k) − β·‖e − c_k‖²)      M: Q(k) = mean over the batch of p(k|e),
-    starting from a uniform Q or a running marginal. Loss: commitment ‖z_e − sg(z_q)‖², codebook
-    ‖sg(z_e) − z_q‖², and −H(Q) rewarding a spread-out marginal.
+@register("ba_vq")
+class BAVQ(CodebookQuantizer):
+    """Blahut–Arimoto soft quantizer (Blahut 1972; Arimoto 1972), β annealed as in deterministic
+    annealing (Rose 1998). Per forward, `ba_iters` alternations of E: p(k|e) = softmax_k ba_logits =
+    softmax_k(log Q(k) − β·‖e − c_k‖²) and M: Q(k) = mean_n p(k|e_n), from a uniform Q or a running
+    marginal (the rate term). Loss: commitment, codebook (codes moved by gradient), and −H(Q). The
+    iterations before the last run without autograd (Q a fixed prior, as in EM) unless
+    ba_grad_through_iters. Evaluation: the hard argmax_k ba_logits with Q the prior (ba_eval batch: Q
+    after the iterations on the validation batch). With beta_units relative or critical every step runs
+    on e/√σ and c/√σ: relative σ is the mean squared distance of a latent to its code, critical σ is
+    2·λ_max of the latents' covariance (β = 1: where the assignment first stops being one code for all)."""
 
-    Gradients: E/M iterations before the last run without autograd (Q is a fixed prior for the
-    last E-step, as in EM), or with it (ba_grad_through_iters); the last E-step is ba_e_step (the
-    plain definition, ba_fast_path false) or BAEStep (its hand-derived backward), both in row
-    chunks, so memory is O(chunk × K) whatever N is. At evaluation the code is the
-    hard argmax_k log Q(k) − β·d with Q the prior (uniform: the nearest code), or, with ba_eval
-    batch, with Q after ba_iters − 1 E/M iterations on the validation batch, as in training.
+    options = CodebookQuantizer.options + (
+        "beta_start", "beta_end", "beta_units", "ba_iters", "ba_prior", "ba_reseed_prior", "entropy_weight",
+        "codebook_weight", "ba_codebook_update", "ba_output", "ba_fast_path", "ba_grad_through_iters", "ba_eval")
 
-    With beta_units relative or critical, d is ‖e − c_k‖² / σ, σ a running scale of the latents
-    (an EMA of batch_scale, first set at the first training step): relative, the mean squared
-    distance from a latent to its code; critical, 2·λ_max of the latents' covariance, so β = 1 is
-    the first phase transition of deterministic annealing (Rose 1998: the assignment stops being
-    the same for every e at β·2λ_max = 1). The E/M steps then run on e/√σ and c/√σ, whose squared
-    distances are d / σ, with the same β: every E-step variant keeps its exact semantics."""
+    @classmethod
+    def check(cls, cfg) -> None:
+        update = cfg.ba_codebook_update
+        if cfg.dead_code_threshold > 0 and update != "ema":
+            raise VQVAEError("dead_code_threshold needs an EMA codebook: with ba_vq, ba_codebook_update ema")
+        if cfg.codebook_weight != DEFAULTS["codebook_weight"] and update == "ema":
+            raise VQVAEError("codebook_weight weighs the codebook's gradient; with ba_codebook_update ema codes move by EMA only")
+        if cfg.ema_decay != DEFAULTS["ema_decay"] and update == "grad":
+            raise VQVAEError("ema_decay applies to EMA codebooks; with ba_codebook_update grad codes move by gradient only")
+        if cfg.ba_reseed_prior != "keep" and not (cfg.ba_prior == "running" and cfg.dead_code_threshold > 0):
+            raise VQVAEError("ba_reseed_prior uniform needs a prior to reset and codes to re-seed: "
+                             "ba_prior running and dead_code_threshold > 0")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.ba_grad_through_iters or cfg.ba_eval == "batch"):
+            raise VQVAEError("ba_grad_through_iters and ba_eval batch run in one process only (their batch marginals "
+                             "are not made data-parallel); launch without torchrun")
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg.codebook_size, cfg.latent_dim, cfg.ba_codebook_update == "ema", cfg.ema_decay, cfg.ema_eps,
-                         cfg.dead_code_threshold)
-        self.beta = cfg.beta_start  # a Python float set by the training loop; saved via extra state
-        self.ba_iters, self.prior_mode, self.prior_decay = cfg.ba_iters, cfg.ba_prior, cfg.ba_prior_decay
-        self.reseed_prior = cfg.ba_reseed_prior
+        super().__init__(cfg, ema=cfg.ba_codebook_update == "ema")
+        self.beta = cfg.beta_start  # a Python float set by before_step; saved via extra state
+        self.beta_start, self.beta_end = cfg.beta_start, cfg.beta_end
+        self.ba_iters, self.prior_mode, self.reseed_prior = cfg.ba_iters, cfg.ba_prior, cfg.ba_reseed_prior
         self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
         self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
         self.centroid_ema = cfg.ba_codebook_update == "grad_ema"
         self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
-        self.e_step = BAEStep.apply if cfg.ba_fast_path else ba_e_step
+        self.fast_path = cfg.ba_fast_path
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
         self.beta_units = cfg.beta_units
         self.register_buffer("distance_scale", torch.ones(()))  # σ; measured at the first training step
@@ -1129,8 +1161,15 @@ class BAVQ(Quantizer):
         return {"beta": self.beta, "scale_measured": self.scale_measured}
 
     def set_extra_state(self, state):
-        self.beta = state["beta"]
-        self.scale_measured = state.get("scale_measured", False)  # checkpoints from before beta_units
+        self.beta, self.scale_measured = state["beta"], state["scale_measured"]
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        """β's cosine schedule: β_start + (β_end − β_start)·½(1 − cos πt), t from 0 at the first step to 1 at the last."""
+        t = step / max(total_steps - 1, 1)
+        self.beta = self.beta_start + (self.beta_end - self.beta_start) * 0.5 * (1 - math.cos(math.pi * t))
+
+    def log_values(self) -> dict:
+        return {"beta": self.beta}
 
     @torch.no_grad()
     def batch_scale(self, z: torch.Tensor, codebook: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1148,8 +1187,7 @@ class BAVQ(Quantizer):
         return all_reduce_(d.clone()) / world()[1]
 
     def distance_unit(self, z: torch.Tensor, codebook: torch.Tensor) -> Optional[torch.Tensor]:
-        """1/√σ (a 0-d tensor) with beta_units relative or critical, else None. Before σ has been
-        measured (the first training step) σ is this batch's batch_scale, kept when training."""
+        """1/√σ (0-d) with beta_units relative or critical, else None; σ is first set at the first training step."""
         if self.beta_units == "absolute":
             return None
         if not self.scale_measured:
@@ -1166,17 +1204,16 @@ class BAVQ(Quantizer):
         return (z, codebook) if unit is None else (z * unit, codebook * unit)
 
     def log_prior(self) -> torch.Tensor:
-        """log Q at the start of each forward, (K,). The running prior is floored at PRIOR_FLOOR, so
-        a code whose share underflowed keeps a finite log Q and can come back."""
+        """log Q (K,) at the start of a forward; the running prior floored at PRIOR_FLOOR, so a code can come back."""
         if self.prior_mode == "running":
             return self.prior.clamp_min(PRIOR_FLOOR).log()
         return torch.full_like(self.prior, -math.log(self.codebook_size))
 
     @torch.no_grad()
     def reseed_dead_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """Quantizer.reseed_dead_codes; with ba_reseed_prior uniform a re-seeded code also restarts
-        at the prior share 1/K (then Q is renormalised), instead of entering the E-step with the
-        share it decayed to while it won nothing."""
+        """CodebookQuantizer.reseed_dead_codes; with ba_reseed_prior uniform a re-seeded code also
+        restarts at the prior share 1/K (then Q is renormalised), instead of entering the E-step with
+        the share it decayed to while it won nothing."""
         dead = super().reseed_dead_codes(z)
         if self.reseed_prior == "uniform":
             self.prior.masked_fill_(dead, 1.0 / self.codebook_size)
@@ -1184,24 +1221,30 @@ class BAVQ(Quantizer):
         return dead
 
     def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain:
-        log Q(k) = logsumexp_n log p(k|e_n) − log N, accumulated over row chunks. With grad, autograd
-        records the iterations (gradient through every E/M step), else they run without it."""
+        """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain, accumulated over row
+        chunks. With grad, autograd records the iterations (gradient through every E/M step), else
+        they run without it."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
             for _ in range(self.ba_iters - 1):
                 log_mass = torch.full_like(log_q, -math.inf)                     # log Σ_n p(k|e_n)
                 for rows in row_chunks(z, codebook):
-                    log_p = torch.log_softmax(ba_logits(z[rows], codebook, c2, log_q, self.beta), 1)
+                    log_p = torch.log_softmax(ba_logits(z[rows], codebook, log_q, self.beta, c2), 1)
                     log_mass = torch.logaddexp(log_mass, torch.logsumexp(log_p, 0))
-                log_q = all_reduce_logsumexp_(log_mass) - math.log(z.shape[0] * world()[1])  # global batch marginal
+                log_q = ba_m_step(log_mass, z.shape[0])
             return log_q
 
-    def probabilities(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        """p(k|e) (N, K) of the last E-step as one matrix: for tests and analysis, not for training."""
-        z, codebook = self.in_units(z, codebook, self.distance_unit(z, codebook))
-        log_q = self.prior_after_iterations(z, codebook)
-        return torch.softmax(ba_logits(z, codebook, codebook.pow(2).sum(1), log_q, self.beta), dim=1)
+    def hard_codes(self, z: torch.Tensor, unit: Optional[torch.Tensor], log_q: torch.Tensor) -> torch.Tensor:
+        """argmax_k ba_logits (N,); the fast path: the nearest code under the bias σ·log Q(k)/β (uniform Q: none)."""
+        if self.fast_path:
+            uniform = self.eval_rule == "prior" and self.prior_mode == "uniform"
+            sigma = 1.0 if unit is None else unit.pow(-2)
+            return nearest_code(z, self.codebook, None if uniform else log_q * sigma / self.beta)
+        z_in, codebook_in = self.in_units(z, self.codebook, unit)
+        idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for rows in row_chunks(z, self.codebook):
+            idx[rows] = argmax_rows(ba_logits(z_in[rows], codebook_in, log_q, self.beta))
+        return idx
 
     def forward(self, z_e):
         with torch.autocast(z_e.device.type, enabled=False):
@@ -1209,13 +1252,10 @@ class BAVQ(Quantizer):
             shape = (z_e.shape[0], *z_e.shape[2:])
             unit = self.distance_unit(z, self.codebook)                          # 1/√σ, or None
             if not self.training:
-                # argmax_k log Q(k) − β·d/σ = argmin_k ‖e − c_k‖² − σ·log Q(k) / β
-                sigma = 1.0 if unit is None else unit.pow(-2)
-                if self.eval_rule == "batch":
-                    bias = self.prior_after_iterations(*self.in_units(z, self.codebook, unit)) * sigma / self.beta
-                else:
-                    bias = self.log_prior() * sigma / self.beta if self.prior_mode == "running" else None
-                idx = nearest_code(z, self.codebook, bias)
+                with torch.no_grad():
+                    batch = self.eval_rule == "batch"
+                    log_q = self.prior_after_iterations(*self.in_units(z, self.codebook, unit)) if batch else self.log_prior()
+                    idx = self.hard_codes(z, unit, log_q)
                 z_q = F.embedding(idx, self.codebook)
                 losses = {"commitment": self.commitment_weight * F.mse_loss(z, z_q)}
                 return unflatten_latents(z_q, z_e), losses, idx.view(shape)
@@ -1223,8 +1263,9 @@ class BAVQ(Quantizer):
             codebook = self.codebook.clone() if self.ema or self.centroid_ema else self.codebook
             z_in, codebook_in = self.in_units(z, codebook, unit)
             log_q = self.prior_after_iterations(z_in, codebook_in, grad=self.grad_through_iters)  # (K,)
-            z_q, Q, idx, sums = self.e_step(z_in, codebook_in, log_q, self.beta, self.output != "soft",
-                                            self.ema or self.centroid_ema)
+            e_step = BAEStep.apply if self.fast_path else ba_e_step
+            z_q, Q, idx, sums = e_step(z_in, codebook_in, log_q, self.beta, self.output != "soft",
+                                       self.ema or self.centroid_ema)
             if unit is not None:  # back from units of √σ
                 z_q, sums = z_q / unit, sums / unit
                 self.distance_scale.lerp_(self.batch_scale(z.detach(), self.codebook, idx), 1 - SCALE_DECAY)
@@ -1243,25 +1284,61 @@ class BAVQ(Quantizer):
                     self.codebook.lerp_(sums / mass.clamp_min(1e-6).unsqueeze(1), 1 - self.ema_decay)
             if self.prior_mode == "running":
                 with torch.no_grad():
-                    self.prior.lerp_(Q, 1 - self.prior_decay)
-            if self.output == "ste":  # the decoder's gradient reaches the encoder unchanged, as in vq_ema
+                    self.prior.lerp_(Q, 1 - PRIOR_DECAY)
+            if self.output == "hard_ste":  # the decoder's gradient reaches the encoder unchanged, as in vq_ema
                 z_q = z + (z_q - z).detach()
             return unflatten_latents(z_q, z_e), losses, idx.view(shape)
 
 
+@register("fsq")
+class FSQ(Quantizer):
+    """Finite scalar quantization (Mentzer et al. 2023): no codebook to learn or lose. A 1×1 projection to
+    one channel per level count L_i; channel i bounded by tanh and rounded to the nearest of L_i evenly
+    spaced levels on [−1, 1] (straight-through gradient); a 1×1 projection back to D channels. The index
+    is the mixed-radix number of the levels, K = Π L_i, so every metric applies unchanged. No loss."""
+
+    options = ("fsq_levels",)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if not cfg.fsq_levels or min(cfg.fsq_levels) < 2 or math.prod(cfg.fsq_levels) > 2**31:
+            raise VQVAEError(f"fsq_levels must list integers ≥ 2 whose product is at most 2^31, got {cfg.fsq_levels}")
+
+    @classmethod
+    def num_codes(cls, cfg) -> int:
+        return math.prod(cfg.fsq_levels)
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        levels = torch.tensor(cfg.fsq_levels)
+        self.codebook_size = int(levels.prod())
+        self.register_buffer("levels", levels.float(), persistent=False)                     # (d,)
+        self.register_buffer("radix", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
+        self.project_in = nn.Linear(cfg.latent_dim, len(levels))
+        self.project_out = nn.Linear(len(levels), cfg.latent_dim)
+
+    def digits_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """indices (N,) → each channel's level number (N, d), in [0, L_i)."""
+        return idx.unsqueeze(1) // self.radix % self.levels.long()
+
+    def level_values(self, digits: torch.Tensor) -> torch.Tensor:
+        """level numbers (N, d) → the values on [−1, 1] the decoder side sees."""
+        return digits * 2 / (self.levels - 1) - 1
+
+    def forward(self, z_e):
+        with torch.autocast(z_e.device.type, enabled=False):
+            bounded = torch.tanh(self.project_in(flatten_latents(z_e).float()))          # (N, d) in (−1, 1)
+            digits = ((bounded + 1) * (self.levels - 1) / 2).round()                     # (N, d) in {0, …, L−1}
+            q = bounded + (self.level_values(digits) - bounded).detach()                 # straight-through
+            idx = (digits.long() * self.radix).sum(1)                                    # (N,) mixed radix
+            z_q = self.project_out(q)                                                    # (N, D)
+            return unflatten_latents(z_q, z_e), {}, idx.view(z_e.shape[0], *z_e.shape[2:])
+
+
 def make_quantizer(cfg: Config) -> Quantizer:
-    return VQEMA(cfg) if cfg.quantizer == "vq_ema" else BAVQ(cfg)
-
-
-def beta_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Config) -> float:
-    """Cosine schedule β(t) = β_start + (β_end − β_start)·½(1 − cos πt); t runs from 0 at the first
-    step (or epoch, with beta_schedule epoch) to 1 at the last."""
-    if cfg.beta_schedule == "epoch":
-        n_epochs = math.ceil(total_steps / steps_per_epoch)
-        t = (step // steps_per_epoch) / max(n_epochs - 1, 1)
-    else:
-        t = step / max(total_steps - 1, 1)
-    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * 0.5 * (1 - math.cos(math.pi * t))
+    if cfg.quantizer not in QUANTIZERS:
+        raise VQVAEError(f"quantizer: unknown value '{cfg.quantizer}'; choose from {', '.join(QUANTIZERS)}")
+    return QUANTIZERS[cfg.quantizer](cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1279,8 +1356,7 @@ class VQVAE(nn.Module):
         self.latent_norm = cfg.latent_norm
 
     def encode(self, x):
-        """x → z_e (B, D, 8, 8), the quantizer's input: the encoder's output, with latent_norm l2 each
-        D-vector scaled to unit length."""
+        """x → z_e (B, D, 8, 8), the quantizer's input (with latent_norm l2, each D-vector of unit length)."""
         z_e = self.encoder(x)
         return F.normalize(z_e, dim=1) if self.latent_norm == "l2" else z_e
 
@@ -1304,11 +1380,9 @@ def build_model(cfg: Config, device: torch.device) -> VQVAE:
 
 
 def data_parallel(model: VQVAE, device: torch.device) -> nn.Module:
-    """The module to call in training: the model itself in one process; data-parallel, the model
-    with every parameter and buffer set to rank 0's (codebook and EMA statistics included: DDP
-    itself skips parameters that take no gradient), wrapped in DDP, which averages gradients.
-    The quantizers keep their buffers equal by all-reducing their statistics, so DDP need not
-    broadcast buffers every step."""
+    """The module training calls: the model; data-parallel, the model with every parameter and buffer set
+    to rank 0's (DDP skips parameters without gradient) in DDP, which averages gradients. The quantizers
+    keep their buffers equal by all-reducing their statistics, so DDP broadcasts no buffers."""
     if world()[1] == 1:
         return model
     with torch.no_grad():
@@ -1345,8 +1419,7 @@ def perplexity(counts: torch.Tensor) -> float:
 
 def usage_rate(counts: torch.Tensor) -> float:
     """Fraction of codes used at least once."""
-    with host_math():
-        return (counts.cpu() > 0).double().mean().item()
+    return int((counts > 0).sum()) / counts.numel()
 
 
 def codebook_metrics(counts: torch.Tensor) -> dict:
@@ -1368,12 +1441,10 @@ def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
 
 
 def batch_average_metrics(sse_pm1: torch.Tensor, counts: torch.Tensor, values_per_batch: int) -> dict:
-    """The published study's convention: each metric computed per validation batch, then averaged
-    over the batches. sse_pm1 (n,): summed squared error of each batch's [−1, 1] tensors; counts
-    (n, K): each batch's code histogram. Returns sums over the n batches (psnr_batch in [0, 1]
-    pixels, perplexity_batch, usage_batch) and n, for the caller to add up across processes and
-    divide. A batch mean of PSNR is not the PSNR of the mean error: by Jensen it is higher. On the host,
-    in float64, whatever device the inputs are on."""
+    """The published study's convention, each metric per validation batch, then averaged: from sse_pm1
+    (n,), each batch's squared error on [−1, 1], and counts (n, K), the sums over the n batches of
+    psnr_batch ([0, 1] pixels), perplexity_batch, usage_batch, and n, for the caller to add up and divide
+    (in float64 on the host). A batch mean of PSNR is above the PSNR of the mean error (Jensen)."""
     with host_math():
         sse_pm1, counts = sse_pm1.cpu(), counts.cpu()
         mse = sse_pm1.double() / values_per_batch / 4                               # (n,) in [0, 1] pixels
@@ -1385,7 +1456,7 @@ def batch_average_metrics(sse_pm1: torch.Tensor, counts: torch.Tensor, values_pe
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints, results files and W&B
+# Checkpoints and results files (W&B: wandb_log.py)
 # ---------------------------------------------------------------------------------------------
 
 RESULT_FILES = ("config.yaml", "history.jsonl", "final_metrics.json", "final_model.pt", "last.pt", "recon.png",
@@ -1397,7 +1468,8 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """The experiment directory, refusing to write over earlier results unless asked to."""
+    """The experiment directory, refusing to write over earlier results unless asked to; it is made when
+    the run has its data and model (start_or_restore), so a failed start leaves nothing behind."""
     run_dir = run_dir_of(cfg)
     existing = [f for f in RESULT_FILES if (run_dir / f).exists()]
     if resume:
@@ -1411,7 +1483,6 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
             path.unlink()
         for f in existing:
             (run_dir / f).unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -1464,10 +1535,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_model(path, device="cpu", trusted: bool = False) -> VQVAE:
-    """A trained model from final_model.pt, in eval mode. The file is read weights-only (tensors,
-    numbers and strings; no code can run), so a model someone shared is safe to open. A full
-    checkpoint (last.pt) also holds RNG states that need a full unpickle: pass trusted=True for a
-    file you made yourself."""
+    """A trained model from final_model.pt, in eval mode, read weights-only (no code can run: a shared
+    model is safe to open). last.pt holds RNG states that need a full unpickle: trusted=True for your own."""
     path = Path(path)
     if trusted:
         state = load_checkpoint(path)
@@ -1481,18 +1550,6 @@ def load_model(path, device="cpu", trusted: bool = False) -> VQVAE:
     return model.to(device).eval()
 
 
-def read_code_counts(run_dir) -> torch.Tensor:
-    """The final validation histogram of a run's codes, (K,) int64, from code_counts.json."""
-    with open(Path(run_dir) / "code_counts.json") as f:
-        return torch.tensor(json.load(f)["counts"], dtype=torch.long)
-
-
-def read_history(run_dir) -> list:
-    """history.jsonl of a run as a list of dicts."""
-    with open(Path(run_dir) / "history.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _record_step(line: str) -> float:
     """The step of one history line; inf for a line torn by a kill mid-write (dropped on resume)."""
     try:
@@ -1502,61 +1559,11 @@ def _record_step(line: str) -> float:
 
 
 def truncate_history(path: Path, last_step: int) -> None:
-    """On resume, drop records written after the checkpoint, which the resumed run writes again
-    (and a last line torn by a kill)."""
+    """On resume, drop the records written after the checkpoint (and a line torn by a kill)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
                 if line and _record_step(line) <= last_step]
         atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-class NoWandb:
-    """Stands in for a W&B run when W&B is off or unavailable."""
-
-    def log(self, *args, **kwargs):
-        pass
-
-    def log_media(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
-
-
-class SafeWandb:
-    """Wraps a W&B run so an error inside wandb turns logging off instead of ending training."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def log(self, *args, **kwargs):
-        if self.run is not None:
-            try:
-                self.run.log(*args, **kwargs)
-            except Exception as e:
-                print(f"W&B: logging failed ({type(e).__name__}: {e}); continuing without W&B")
-                self.run = None
-
-    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
-        if self.run is not None:
-            try:
-                import wandb
-
-                media = {"val/reconstructions": wandb.Image(grid, caption="top: originals, bottom: hard-code reconstructions"),
-                         "val/code_usage": wandb.Histogram(counts.numpy().astype(np.float64))}
-            except Exception as e:
-                print(f"W&B: could not make the image and histogram ({type(e).__name__}: {e}); continuing without W&B")
-                self.run = None
-                return
-            self.log(media, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            try:
-                self.run.finish()
-            except Exception:
-                pass
-            self.run = None
 
 
 class History:
@@ -1590,68 +1597,8 @@ class History:
             self.file.close()
 
 
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        return any("wandb" in host for host in netrc.netrc().hosts)
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-WANDB_INIT_TIMEOUT_S = 20  # a server that answers but does not start the run: offline after this
-
-
-def _wandb_server_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the W&B server opens within `timeout` seconds, so a machine
-    without network goes offline at once instead of waiting for wandb's own timeouts."""
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def start_wandb(cfg: Config, run_dir: Path, resume: bool, run_id: str):
-    """A W&B run, or a stand-in. Never blocks or fails training: without a login it logs offline
-    (sync later with `wandb sync`), and if W&B cannot start at all it is turned off. run_id is kept
-    in the checkpoints, so a resumed run continues the same W&B run."""
-    if not cfg.wandb:
-        return NoWandb()
-    try:
-        import wandb
-    except ImportError:
-        print("W&B: wandb is not installed; logging locally only (pip install wandb, or --no_wandb)")
-        return NoWandb()
-    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-    if mode == "offline" and not os.environ.get("WANDB_MODE"):
-        print(f"W&B: not logged in; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
-    if mode == "online" and not _wandb_server_reachable():
-        print(f"W&B: server not reachable; logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)")
-        mode = "offline"
-    for attempt in (mode, "offline"):
-        try:
-            run = wandb.init(project=cfg.wandb_project, name=cfg.name, group=cfg.wandb_group or None,
-                             dir=str(run_dir), mode=attempt,
-                             config=dataclasses.asdict(cfg), resume="allow" if resume else None,
-                             id=run_id, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
-            if attempt != mode:
-                print(f"W&B: could not start {mode}; logging offline instead")
-            return SafeWandb(run)
-        except Exception as e:
-            error = e
-    print(f"W&B: could not start ({type(error).__name__}: {error}); logging locally only")
-    return NoWandb()
-
-
 def recon_grid(model: VQVAE, x_uint8: torch.Tensor, n: int = 8) -> np.ndarray:
-    """n validation originals (top row) above their hard-code reconstructions, as an RGB uint8
-    image (H, W, 3)."""
+    """n validation originals (top row) above their hard-code reconstructions: an RGB uint8 image (H, W, 3)."""
     from torchvision.utils import make_grid
 
     was_training = model.training
@@ -1683,8 +1630,7 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, precision: str):
-    """One optimizer step on batch x; returns the loss terms, the codes and the gradient norm,
-    without reading them back."""
+    """One optimizer step on batch x → loss terms, codes and gradient norm, none read back."""
     with autocast_for(x.device, precision):
         x_hat, losses, idx = model(x)
     loss = sum(losses.values())
@@ -1696,10 +1642,9 @@ def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, 
 
 
 class FiniteGuard:
-    """Watches each step's loss terms and gradient norm on the device, without reading them back:
-    it keeps the first step at which one was NaN or inf, and that step's values. check(), run on
-    logging steps and before every checkpoint, stops the run there, so no checkpoint is written
-    after a non-finite step and the last one stays good."""
+    """Keeps, on the device, the first step at which a loss term or the gradient norm was NaN or inf and
+    its values; check(), on logging steps and before every checkpoint, stops the run: no checkpoint
+    follows a non-finite step."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -1721,8 +1666,7 @@ class FiniteGuard:
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `received`; the training loop reads it after each
-    step, writes last.pt and stops. A second signal stops at once (KeyboardInterrupt)."""
+    """While active, SIGINT/SIGTERM only set `received` (the loop writes last.pt and stops); a second stops at once."""
 
     def __init__(self):
         self.received, self.previous = None, {}
@@ -1747,13 +1691,10 @@ class StopSignals:
 
 @torch.no_grad()
 def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: str = "fp32", counts_out: list = None) -> dict:
-    """Validation over the whole set with the hard code. Dataset-level (ours): mse/psnr/psnr_legacy
-    from the summed squared error, codebook metrics from the histogram of all codes. Batch-level
-    (the published study's convention): psnr_batch, perplexity_batch, usage_batch, each the mean
-    over the full batches of batch_size (a last, smaller batch is left out, as drop_last does).
-    Data-parallel, each process passes its share of the set and the sums are added up across
-    processes (batches are then drawn from each process's share). With a list as counts_out, the
-    histogram (K,) is appended to it."""
+    """Validation over the whole set with the hard code. Dataset level (ours): mse, psnr, psnr_legacy and
+    the codebook metrics of all codes. Batch level (the published convention): psnr_batch,
+    perplexity_batch, usage_batch over the full batches of batch_size. Data-parallel, each process
+    passes its share and the sums are added up. counts_out, a list, receives the histogram (K,)."""
     was_training = model.training
     model.eval()
     device = x_uint8.device
@@ -1788,8 +1729,7 @@ def evaluate(model: VQVAE, x_uint8: torch.Tensor, batch_size: int, precision: st
 @torch.no_grad()
 def init_codebook_from_data(model: VQVAE, x_train: torch.Tensor, cfg: Config, generator: torch.Generator,
                             x_val: Optional[torch.Tensor] = None):
-    """k-means on encoder outputs of enough random training batches to hold at least 4·K vectors;
-    with codebook_init kmeans_val, of the first validation batches in order instead."""
+    """k-means on encoder outputs of random training batches (≥ 4·K vectors; kmeans_val: validation batches)."""
     K = cfg.codebook_size
     if cfg.codebook_init == "kmeans_val":
         images, picks = x_val, torch.arange(len(x_val), device=x_val.device)
@@ -1810,21 +1750,20 @@ def check_sizes(cfg: Config, n_train: int, latents_per_image: int, n_val: Option
     if cfg.batch_size > n_train:
         raise VQVAEError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
     source, n = ("validation", n_val) if cfg.codebook_init == "kmeans_val" else ("training", n_train)
-    if cfg.codebook_init != "uniform" and n is not None and n * latents_per_image < cfg.codebook_size:
+    if (QUANTIZERS[cfg.quantizer].init_from_data(cfg) and n is not None
+            and n * latents_per_image < cfg.codebook_size):
         raise VQVAEError(f"codebook_init {cfg.codebook_init} needs at least K={cfg.codebook_size} encoder vectors, "
                          f"but the {source} set gives {n * latents_per_image}; use fewer codes or --codebook_init uniform")
 
 
-def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor, K: int, beta):
-    """Where the training loop reads the step's values back from the device (the other read is the
-    non-finite guard's one flag, on these steps and before a checkpoint is written)."""
+def log_train_step(history: History, pbar, step: int, epoch: int, losses: dict, idx: torch.Tensor,
+                   quantizer: Quantizer):
+    """Where the loop reads a step's values back from the device (besides the non-finite guard's flag)."""
     names = list(losses)
     values = (all_reduce_(torch.stack([losses[n].detach().float() for n in names])) / world()[1]).tolist()
     metrics = dict(zip(names, values)) | {"loss": sum(values)}
-    counts = all_reduce_(code_histogram(idx, K)).cpu()                # the global batch's codes
-    metrics |= {"perplexity": perplexity(counts), "usage": usage_rate(counts)}
-    if beta is not None:
-        metrics["beta"] = beta
+    counts = all_reduce_(code_histogram(idx, quantizer.codebook_size)).cpu()  # the global batch's codes
+    metrics |= {"perplexity": perplexity(counts), "usage": usage_rate(counts)} | quantizer.log_values()
     history.log("train", step, epoch, metrics)
     pbar.set_postfix(loss=f"{metrics['loss']:.4f}", ppl=f"{metrics['perplexity']:.1f}", usage=f"{metrics['usage']:.2f}")
 
@@ -1856,10 +1795,7 @@ PHASES = ("setup", "kmeans", "steps", "validation", "checkpoints", "results")
 
 
 class TrainState:
-    """What a run carries from step to step besides the model and the optimizer: the step, the time
-    spent, the data-order and augmentation generators, where the current epoch's permutation came
-    from, and the W&B run id. It saves into and restores from a checkpoint, so --resume continues
-    the run bitwise."""
+    """What a run carries besides model and optimizer, saved in checkpoints so --resume continues bitwise."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.step = 0
@@ -1898,11 +1834,9 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.time_before = state["step"], state["train_time_s"]
-        # checkpoints from before the breakdown by phase kept the steps' time alone
-        self.seconds |= state.get("seconds", {"steps": state.get("train_step_time_s", 0.0)})
+        self.seconds |= state["seconds"]
         self.data_gen.set_state(state["data_gen_state"])
-        if "augment_gen_state" in state:  # checkpoints from before augmentation existed
-            self.augment_gen.set_state(state["augment_gen_state"])
+        self.augment_gen.set_state(state["augment_gen_state"])
         self.epoch_gen_state = state["epoch_gen_state"]
         set_rng_states(state["rng"], self.device)
         self.wandb_id = state.get("wandb_id", self.wandb_id)
@@ -1947,8 +1881,7 @@ class Checkpointer:
 
 
 def agreed_signal(signals: StopSignals, ask: bool, device: torch.device) -> int:
-    """The signal that stops the run, or 0. Alone, read every step; data-parallel, agreed across
-    processes (a collective) only where `ask` is true, so all stop at the same step."""
+    """The signal that stops the run, or 0; data-parallel, agreed by all processes where `ask` is true."""
     if world()[1] == 1:
         return signals.received or 0
     if not ask:
@@ -1975,7 +1908,7 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
     after its validation, so a resumed run never skips one."""
     rank, n_proc = world()
     steps_per_epoch, total_steps = run_length(cfg, len(x_train))
-    is_ba, device, guard = cfg.quantizer == "ba_vq", x_train.device, checkpoints.guard
+    device, guard = x_train.device, checkpoints.guard
     val, counts = None, []
     with StopSignals() as signals, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
         while state.step < total_steps:
@@ -1987,9 +1920,7 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
                 x = get_batch(x_train, perm, i, cfg.batch_size, cfg.channels_last, (rank, n_proc), cfg.pixel_range)
                 if cfg.augment == "crop_flip":
                     x = augment_crop_flip(x, state.augment_gen, (rank, n_proc))
-                beta = beta_at(state.step, total_steps, steps_per_epoch, cfg) if is_ba else None
-                if is_ba:
-                    model.quantizer.beta = beta
+                model.quantizer.before_step(state.step, total_steps)
                 losses, idx, grad_norm = train_step(net, optimizer, x, cfg.precision)
                 state.step += 1
                 guard.watch(state.step, losses, grad_norm)
@@ -1997,7 +1928,7 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
                 log_step = state.step % cfg.log_every == 0
                 if log_step:
                     guard.check(checkpoints.note())
-                    log_train_step(history, pbar, state.step, epoch, losses, idx, cfg.codebook_size, beta)
+                    log_train_step(history, pbar, state.step, epoch, losses, idx, model.quantizer)
                 signum = agreed_signal(signals, log_step, device)
                 if i + 1 < last and (signum or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0)):
                     state.seconds["steps"] += time.perf_counter() - t0
@@ -2010,7 +1941,7 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
             guard.check(checkpoints.note())
             with state.timed("validation"):
                 val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-                history.log("val", state.step, epoch, val | ({"beta": model.quantizer.beta} if is_ba else {}))
+                history.log("val", state.step, epoch, val | model.quantizer.log_values())
                 if history.wants_media:  # the grid costs a forward pass: only when W&B will take it
                     history.log_media(state.step, recon_grid(model, x_val), counts[-1])
             report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
@@ -2037,31 +1968,28 @@ def open_run(cfg: Config, resume: bool, overwrite: bool) -> tuple[Config, Path, 
     if not cfg.name:
         if resume:
             raise VQVAEError("--resume needs the --name of the run to continue")
-        name = [f"{cfg.quantizer}_K{cfg.codebook_size}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}"]
+        K = QUANTIZERS[cfg.quantizer].num_codes(cfg)
+        name = [f"{cfg.quantizer}_K{K}_{cfg.arch}_{time.strftime('%Y%m%d-%H%M%S')}"]
         if n_proc > 1:
             dist.broadcast_object_list(name, src=0)  # rank 0's clock names the run
         cfg = dataclasses.replace(cfg, name=name[0])
     if cfg.batch_size % n_proc:
         raise VQVAEError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly among {n_proc} processes")
-    if n_proc > 1 and cfg.quantizer == "ba_vq" and (cfg.ba_grad_through_iters or cfg.ba_eval == "batch"):
-        raise VQVAEError("ba_grad_through_iters and ba_eval batch run in one process only (their batch marginals "
-                         "are not made data-parallel); launch without torchrun")
     run_dir = prepare_run_dir(cfg, resume, overwrite) if rank == 0 else run_dir_of(cfg)
     if not resume:
         return cfg, run_dir, None
     checkpoint = load_checkpoint(run_dir / "last.pt")
-    saved = checkpoint["config"]
-    changed = [k for k in STRUCTURAL_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = result_differences(checkpoint["config"], cfg, allow=LENGTH_KEYS)
     if changed:
         raise VQVAEError("cannot resume with a different " + ", ".join(
-            f"{k} ({saved.get(k)} in the checkpoint, {getattr(cfg, k)} now)" for k in changed))
+            f"{k} ({then} in the checkpoint, {now} now)" for k, then, now in changed) + "; only the run's length "
+            "(epochs, max_steps) may change on --resume")
     return cfg, run_dir, checkpoint
 
 
 def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, checkpoint: Optional[dict],
                      x_train: torch.Tensor, x_test: torch.Tensor, run_dir: Path) -> None:
-    """Restore model, optimizer and TrainState from the checkpoint; or, for a new run, seed the
-    codebook by k-means and save the resolved config."""
+    """Restore model, optimizer and TrainState; or, for a new run, seed the codebook and save the config."""
     main = world()[0] == 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -2071,7 +1999,7 @@ def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, ch
             truncate_history(run_dir / "history.jsonl", state.step)
             print(f"resuming {run_dir} at step {state.step}")
         return
-    if cfg.codebook_init in ("kmeans", "kmeans_val"):
+    if type(model.quantizer).init_from_data(cfg):
         with state.timed("kmeans"):
             kmeans_gen = generator_for(x_train.device, cfg.seed + 1)
             init_codebook_from_data(model, x_train, cfg, kmeans_gen, x_test)
@@ -2079,16 +2007,14 @@ def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, ch
         if main:
             print(f"k-means codebook init: {state.seconds['kmeans']:.1f}s")
     if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
 
 
 def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, counts: list, x_test: torch.Tensor,
                   run_dir: Path, steps_per_epoch: int) -> dict:
-    """final_model.pt, code_counts.json, recon.png and, last (its presence marks the run finished),
-    final_metrics.json (rank 0); returns the metrics."""
-    final = dict(val)
-    if cfg.quantizer == "ba_vq":
-        final["beta"] = model.quantizer.beta
+    """final_model.pt, code_counts.json, recon.png, and last final_metrics.json, which marks the run done."""
+    final = dict(val) | model.quantizer.log_values()
     steps_s = state.seconds["steps"]
     final |= {"epochs": state.step / steps_per_epoch, "steps": state.step, "train_time_s": state.wall_time(),
               "train_images_per_s": state.step * cfg.batch_size / steps_s if steps_s else float("nan")}
@@ -2151,10 +2077,9 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory.
-    Stops with RunStopped (after keeping a checkpoint to resume from) on SIGINT/SIGTERM, on a
-    non-finite loss or gradient, or when a checkpoint cannot be written. Launched by torchrun, each
-    process trains on its share of every global batch and only rank 0 writes files."""
+    """Train a VQ-VAE as configured; returns the final metrics, also written to the run directory. Stops
+    with RunStopped, a checkpoint kept, on SIGINT/SIGTERM, a non-finite value or a failed checkpoint
+    write. Under torchrun each process trains on its share of each global batch; rank 0 writes files."""
     cfg = validate(cfg)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:

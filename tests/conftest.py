@@ -14,12 +14,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The one tiny configuration of the suite: trains in a second or two on CPU (synthetic data, small
+# model, few codes). Tests take it as it is or change a few keys.
+TINY = dict(dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1, codebook_size=32, n_hid=16, latent_dim=8,
+            log_every=2, eval_batch_size=64, wandb=False, device="cpu")
+
+
 def tiny_config(tmp_path, **overrides):
-    """A config that trains in a second or two on CPU: synthetic data, small model, few codes."""
-    values = dict(dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1, codebook_size=32,
-                  n_hid=16, latent_dim=8, log_every=2, eval_batch_size=64, wandb=False,
-                  out_dir=str(tmp_path / "experiments"), name="run", device="cpu")
-    values.update(overrides)
+    """TINY as a Config, writing to tmp_path/experiments/run, with overrides; keys of TINY that the
+    chosen quantizer does not use (codebook_size for fsq) are left out."""
+    values = TINY | dict(out_dir=str(tmp_path / "experiments"), name="run")
+    values = vqvae.applicable(values, overrides.get("quantizer", "vq_ema")) | overrides
     return vqvae.load_config(overrides=values)
 
 

@@ -10,6 +10,8 @@ import pytest
 
 import vqvae
 
+pytestmark = pytest.mark.slow  # processes, whole runs or W&B: the full suite only (pytest -m "not slow" skips)
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(spec)

@@ -80,6 +80,7 @@ def test_device_tensor_layout_and_normalisation():
     assert x.tolist() == [-1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_cifar10_offline_error_names_the_options(tmp_path, monkeypatch):
     import torchvision.datasets
 

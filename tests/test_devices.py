@@ -27,7 +27,7 @@ class RefuseWhatMPSLacks(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         lacking = [t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype in MPS_LACKS]
-        if lacking and not vqvae.in_host_math():
+        if lacking and not vqvae.HOST_MATH[0] > 0:
             raise AssertionError(f"{func} made a {lacking[0]} tensor on the training device, which MPS lacks; "
                                  f"do it on a .cpu() copy inside vqvae.host_math()")
         self.host_ops += bool(lacking)
@@ -52,7 +52,7 @@ DEVICE_PATHS = [
     ("ba_vq", {"beta_units": "critical", "ba_prior": "running", "ba_codebook_update": "ema", "dead_code_threshold": 1.0,
                "ba_iters": 2, "ba_reseed_prior": "uniform"}),
     ("ba_vq", {"beta_units": "relative", "ba_eval": "batch", "ba_iters": 2, "ba_fast_path": False}),
-    ("ba_vq", {"ba_output": "ste", "ba_codebook_update": "grad_ema", "ba_grad_through_iters": True, "ba_iters": 2,
+    ("ba_vq", {"ba_output": "hard_ste", "ba_codebook_update": "grad_ema", "ba_grad_through_iters": True, "ba_iters": 2,
                "augment": "crop_flip", "pixel_range": "unit"}),
 ]
 

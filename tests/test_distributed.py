@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import study
 import vqvae
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")]
 
 
 def free_port() -> int:
@@ -63,8 +64,7 @@ def spawn(fn, *args, n=2):
     mp.spawn(fn, args=(n, free_port(), *args), nprocs=n, join=True)
 
 
-TINY = dict(dataset="synthetic", synthetic_size=256, batch_size=32, codebook_size=32, n_hid=16, latent_dim=8,
-            log_every=2, eval_batch_size=64, wandb=False, device="cpu")
+TINY = {k: v for k, v in TINY.items() if k != "epochs"}
 CASES = [("vq_ema", {"dead_code_threshold": 2.0}),
          ("ba_vq", {"ba_iters": 3, "ba_prior": "running", "ba_codebook_update": "ema", "entropy_weight": 0.1}),
          ("ba_vq", {"ba_iters": 2, "entropy_weight": 0.1})]
@@ -97,7 +97,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, quantizer,
     # Sums split across processes round differently; that is all, unless it tips a near-tied argmax
     # and one latent takes another code (seen as a different batch perplexity in the logs). Once one
     # has, the two runs' parameters part by that much and later steps differ a little too.
-    codes = [[r["perplexity"] for r in vqvae.read_history(d) if r["split"] == "train"] for d in (one, two)]
+    codes = [[r["perplexity"] for r in study.read_history(d) if r["split"] == "train"] for d in (one, two)]
     assert codes[0][0] == pytest.approx(codes[1][0], rel=1e-9)  # the first step's codes come before any update
     flipped = any(a != pytest.approx(b, rel=1e-9) for a, b in zip(*codes))
     assert all(a == pytest.approx(b, rel=1e-2) for a, b in zip(*codes))

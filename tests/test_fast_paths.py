@@ -240,6 +240,7 @@ def test_nearest_code_with_bias_over_many_chunks_equals_the_full_matrix(monkeypa
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_encoder_and_decoder_equal_eager():
     torch.manual_seed(9)
     cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=16, n_hid=8, latent_dim=4))

@@ -200,6 +200,7 @@ def tiny_flags():
     return [f"--{k}={v}" for k, v in dataclasses.asdict(TINY).items()]
 
 
+@pytest.mark.slow
 def test_cli_all_writes_every_figure_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "lvq"
     assert L.main(["all", "--out", str(out), "--seeds", "2", *tiny_flags()]) == 0

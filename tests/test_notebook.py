@@ -6,6 +6,8 @@ import pytest
 
 import study
 
+pytestmark = pytest.mark.slow  # processes, whole runs or W&B: the full suite only (pytest -m "not slow" skips)
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 

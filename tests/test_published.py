@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import study
 import vqvae
 from conftest import tiny_config
 
@@ -137,7 +138,7 @@ def test_ba_grad_ema_codebook_is_gradient_plus_centroid_step():
     z_e = torch.randn(2, 4, 3, 3)
     z = vqvae.flatten_latents(z_e)
     before = both.codebook.detach().clone()
-    p = both.probabilities(z, before)                                               # (N, K)
+    p = study.ba_probabilities(both, z, before)                                               # (N, K)
     centroids = (p.t() @ z) / p.sum(0).clamp_min(1e-6)[:, None]
     w = torch.randn(2, 4, 3, 3)
     for q in (both, grad_only):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import study
 import vqvae
 from conftest import set_chunk_rows
 
@@ -187,7 +188,7 @@ def test_ba_reseeded_codes_prior_share(reseed_prior):
 
 def assign(q, z):
     """p(k|e) (N, K) of the last E-step, whole, and its batch mean Q."""
-    p = q.probabilities(z, q.codebook)
+    p = study.ba_probabilities(q, z)
     return p, p.mean(0)
 
 
@@ -252,7 +253,7 @@ def test_ba_beta_10_with_distances_1e4_stays_finite():
 
 def test_ba_hard_output_is_the_argmax_code_and_soft_is_the_expectation():
     z_e = latents()
-    hard = ba(beta=0.7, ba_output="hard")
+    hard = ba(beta=0.7, ba_output="hard_soft_grad")
     z_q, _, idx = hard(z_e)
     assert torch.allclose(z_q, lookup(hard.codebook, idx), atol=1e-6)
 
@@ -277,12 +278,13 @@ def test_ba_hard_output_carries_the_soft_gradient():
 
 
 def test_ba_running_prior_is_an_ema_of_the_batch_marginal():
-    q = ba(beta=1.0, ba_prior="running", ba_prior_decay=0.9)
+    q = ba(beta=1.0, ba_prior="running")
     z_e = latents()
     before = q.prior.clone()
     _, Q = assign(q, vqvae.flatten_latents(z_e))
     q(z_e)
-    assert torch.allclose(q.prior, 0.9 * before + 0.1 * Q.detach(), atol=1e-7)
+    d = vqvae.PRIOR_DECAY
+    assert torch.allclose(q.prior, d * before + (1 - d) * Q.detach(), atol=1e-7)
 
 
 def test_ba_ema_codebook_update_uses_soft_counts():
@@ -326,7 +328,7 @@ def test_ba_relative_beta_divides_distances_by_sigma():
         q.distance_scale.fill_(4.0)
         q.scale_measured = True
         z_e, w = latents(requires_grad=True), latents()
-        p_model = q.probabilities(vqvae.flatten_latents(z_e.detach()), q.codebook)  # before the step moves σ
+        p_model = study.ba_probabilities(q, vqvae.flatten_latents(z_e.detach()), q.codebook)  # before the step moves σ
         (q(z_e)[0] * w).sum().backward()
         z = vqvae.flatten_latents(z_e.detach()).double().requires_grad_()
         c = q.codebook.detach().double().requires_grad_()
@@ -351,7 +353,7 @@ def test_ba_relative_beta_makes_assignments_independent_of_the_latent_scale(unit
         with torch.no_grad():
             q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(6)) * a)
         z_q, losses, idx = q(z_e * a)
-        out.append((z_q / a, losses["entropy"], idx, q.probabilities(vqvae.flatten_latents(z_e * a), q.codebook)))
+        out.append((z_q / a, losses["entropy"], idx, study.ba_probabilities(q, vqvae.flatten_latents(z_e * a), q.codebook)))
     (zq1, h1, i1, p1), (zq7, h7, i7, p7) = out
     same = torch.allclose(p1, p7, atol=1e-5)
     assert same == (units != "absolute")
@@ -402,23 +404,23 @@ def test_ba_critical_beta_one_is_the_first_phase_transition(beta, splits):
     q = ba(beta=beta, beta_units="critical", codebook_size=4).eval()  # eval: σ measured on z, not stored
     c = z.mean(0) + 1e-3 * torch.randn(4, 4)
     for _ in range(300):
-        p = q.probabilities(z, c)                                  # (N, K)
+        p = study.ba_probabilities(q, z, c)                                  # (N, K)
         c = (p.t() @ z) / p.sum(0).unsqueeze(1)
     spread = (c - c.mean(0)).norm(dim=1).max().item()
     assert (spread > 0.5) if splits else (spread < 1e-4)
 
 
 def test_ba_ste_output_is_the_code_with_the_identity_gradient_to_the_encoder():
-    """ba_output ste: the decoder sees the argmax code and the encoder gets the decoder's gradient
-    unchanged, while the codebook still learns through p(k|e) (its loss) as with ba_output hard."""
-    q = ba(beta=0.7, ba_output="ste")
+    """ba_output hard_ste: the decoder sees the argmax code and the encoder gets the decoder's gradient
+    unchanged, while the codebook still learns through p(k|e) (its loss) as with ba_output hard_soft_grad."""
+    q = ba(beta=0.7, ba_output="hard_ste")
     z_e, w = latents(requires_grad=True), latents()
     z_q, losses, idx = q(z_e)
     assert torch.allclose(z_q, lookup(q.codebook, idx), atol=1e-6)
     (z_q * w).sum().backward(retain_graph=True)
     assert torch.allclose(z_e.grad, w) and q.codebook.grad is None
     losses["codebook"].backward()
-    hard = ba(beta=0.7, ba_output="hard")
+    hard = ba(beta=0.7, ba_output="hard_soft_grad")
     hard.codebook.data.copy_(q.codebook)
     hard(z_e.detach())[1]["codebook"].backward()
     assert q.codebook.grad is not None and torch.allclose(q.codebook.grad, hard.codebook.grad, atol=1e-6)
@@ -528,25 +530,162 @@ def test_kmeans_needs_at_least_k_vectors():
 
 
 def test_beta_schedule_endpoints_and_midpoint():
-    cfg = vqvae.load_config(overrides=dict(beta_start=0.5, beta_end=3.0))
-    assert vqvae.beta_at(0, 101, 10, cfg) == pytest.approx(0.5)
-    assert vqvae.beta_at(50, 101, 10, cfg) == pytest.approx(1.75)
-    assert vqvae.beta_at(100, 101, 10, cfg) == pytest.approx(3.0)
-    per_epoch = vqvae.load_config(overrides=dict(beta_start=0.5, beta_end=3.0, beta_schedule="epoch"))
-    # 3 epochs of 10 steps: constant within an epoch, β_start in the first and β_end in the last
-    assert {vqvae.beta_at(s, 30, 10, per_epoch) for s in range(10)} == {0.5}
-    assert vqvae.beta_at(15, 30, 10, per_epoch) == pytest.approx(1.75)
-    assert vqvae.beta_at(29, 30, 10, per_epoch) == pytest.approx(3.0)
+    q = ba(beta_start=0.5, beta_end=3.0)
+    for step, beta in ((0, 0.5), (50, 1.75), (100, 3.0)):
+        q.before_step(step, 101)
+        assert q.beta == pytest.approx(beta) and q.log_values() == {"beta": q.beta}
 
 
 def test_ba_ste_with_ema_codebook_and_no_entropy_term_trains_the_encoder_like_vq_ema():
-    """ba_output ste, ba_codebook_update ema, entropy_weight 0: nothing reaches the encoder through
+    """ba_output hard_ste, ba_codebook_update ema, entropy_weight 0: nothing reaches the encoder through
     p(k|e), so its gradient is the decoder's (straight through) plus the commitment term, as in
     vq_ema; and the codebook has no gradient (it moves by the soft EMA)."""
-    q = ba(beta=0.7, ba_output="ste", ba_codebook_update="ema", entropy_weight=0.0, commitment_weight=0.5)
+    q = ba(beta=0.7, ba_output="hard_ste", ba_codebook_update="ema", entropy_weight=0.0, commitment_weight=0.5)
     z_e, w = latents(requires_grad=True), latents()
     z_q, losses, _ = q(z_e)
     ((z_q * w).sum() + sum(losses.values())).backward()
     expected = w + 0.5 * 2 * (z_e - z_q).detach() / z_e.numel()
     assert torch.allclose(z_e.grad, expected, atol=1e-6)
     assert q.codebook.grad is None and "codebook" not in losses
+
+
+# --- the BA rule, written once ---------------------------------------------------------------
+
+
+def test_an_edit_of_ba_logits_reaches_iterations_last_e_step_and_evaluation(monkeypatch):
+    """Edit the rule (a large constant added to code 3's logit) with the fast path off: the E/M
+    iterations, the last E-step's codes and the evaluation's codes all follow it. The unedited rule
+    spreads the latents over several codes."""
+    q = ba(beta=1.0, ba_iters=3, ba_fast_path=False, ba_prior="running")
+    z_e = latents(B=4)
+    z = vqvae.flatten_latents(z_e)
+    _, _, before = q.eval()(z_e)
+    assert before.unique().numel() > 1
+    rule = vqvae.ba_logits
+    monkeypatch.setattr(vqvae, "ba_logits", lambda *args, **kwargs: rule(*args, **kwargs) + 50.0 * (
+        torch.arange(16) == 3).float())
+    log_q = q.train().prior_after_iterations(z, q.codebook)                     # the iterations
+    assert log_q.argmax() == 3 and log_q[3] > math.log(0.99)
+    _, _, trained = q(z_e)                                                      # the last E-step
+    _, _, evaluated = q.eval()(z_e)                                             # evaluation, prior rule
+    q.eval_rule = "batch"
+    _, _, batch_rule = q(z_e)                                                   # evaluation, batch rule
+    assert (trained == 3).all() and (evaluated == 3).all() and (batch_rule == 3).all()
+
+
+@pytest.mark.parametrize("eval_rule,prior", [("prior", "uniform"), ("prior", "running"), ("batch", "running")])
+def test_ba_evaluation_fast_path_finds_the_argmax_of_ba_logits(eval_rule, prior):
+    """The nearest-code form of the evaluation rule is an accelerator of argmax_k ba_logits."""
+    codes = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        q = ba(beta=2.0, ba_iters=2, ba_eval=eval_rule, ba_prior=prior, beta_units="relative", ba_fast_path=fast)
+        q.prior.copy_(torch.softmax(torch.randn(16), 0))
+        q(latents(B=8))                                                         # σ measured, as in training
+        codes[fast] = q.eval()(latents(B=8, scale=2.0))[2]
+    assert torch.equal(codes[True], codes[False])
+
+
+# --- quantizers as plug-ins ------------------------------------------------------------------
+
+
+def test_an_unknown_quantizer_is_refused_not_replaced():
+    cfg = vqvae.dataclasses.replace(vqvae.load_config(), quantizer="bavq")
+    with pytest.raises(vqvae.VQVAEError, match="unknown value 'bavq'"):
+        vqvae.make_quantizer(cfg)
+
+
+def test_a_new_quantizer_trains_through_the_contract_alone(tmp_path, monkeypatch):
+    """A quantizer the training loop has never heard of: one registered class, no other change."""
+
+    class Sign(vqvae.Quantizer):
+        """z_q = sign(z_e) with a straight-through gradient; the code is the sign pattern of 3 channels."""
+        codebook_size = 8
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.steps = 0
+
+        def before_step(self, step, total_steps):
+            self.steps += 1
+
+        def log_values(self):
+            return {"steps_seen": self.steps}
+
+        def forward(self, z_e):
+            z_q = z_e + (torch.sign(z_e) - z_e).detach()
+            bits = (z_e[:, :3] > 0).long()
+            return z_q, {}, bits[:, 0] + 2 * bits[:, 1] + 4 * bits[:, 2]
+
+    monkeypatch.setitem(vqvae.QUANTIZERS, "sign", Sign)
+    from conftest import tiny_config
+    final = vqvae.train(tiny_config(tmp_path, quantizer="sign", max_steps=4, log_every=1))
+    history = study.read_history(tmp_path / "experiments" / "run")
+    assert [r["steps_seen"] for r in history if r["split"] == "train"] == [1, 2, 3, 4]
+    assert final["steps_seen"] == 4 and final["dead_codes"] + round(final["usage_rate"] * 8) == 8
+
+
+# --- FSQ -------------------------------------------------------------------------------------
+
+
+def fsq(levels=(4, 3, 2), latent_dim=4):
+    return vqvae.make_quantizer(vqvae.load_config(overrides=dict(quantizer="fsq", fsq_levels=list(levels),
+                                                                 latent_dim=latent_dim)))
+
+
+def test_fsq_rounds_each_channel_onto_its_grid_of_levels():
+    q = fsq()
+    z = vqvae.flatten_latents(latents(B=16, scale=3.0))
+    bounded = torch.tanh(q.project_in(z))
+    q_values = q.level_values(q.digits_of(q(latents(B=16, scale=3.0))[2].flatten()))
+    for i, L in enumerate((4, 3, 2)):
+        grid = torch.linspace(-1, 1, L)
+        assert ((q_values[:, i, None] - grid).abs().min(1).values < 1e-6).all()  # on the grid of L levels
+    # the nearest level of the bounded value: |q − tanh(Wz)| at most half a step
+    digits = ((bounded + 1) * (q.levels - 1) / 2).round()
+    assert ((q.level_values(digits) - bounded).abs() <= 1 / (q.levels - 1) + 1e-6).all()
+
+
+def test_fsq_indices_round_trip_and_every_code_is_reachable():
+    q = fsq((4, 3, 2))
+    assert q.codebook_size == 24 and vqvae.FSQ.num_codes(vqvae.load_config(overrides=dict(
+        quantizer="fsq", fsq_levels=[8, 8, 8, 6, 5]))) == 15360
+    every = torch.arange(24)
+    digits = q.digits_of(every)
+    assert len({tuple(d) for d in digits.tolist()}) == 24                       # every index is a distinct code
+    assert torch.equal((digits * q.radix).sum(1), every)                        # index → digits → index
+    # and every code is reached by some latent: steer project_in so channel values sweep the grid
+    with torch.no_grad():
+        q.project_in.weight.copy_(torch.eye(3, 4) * 10)
+        q.project_in.bias.zero_()
+        grid = torch.cartesian_prod(*[torch.linspace(-0.99, 0.99, L) for L in (4, 3, 2)])  # (24, 3) targets
+        z = torch.cat([torch.atanh(grid) / 10, torch.zeros(24, 1)], 1)          # (24, 4)
+    idx = q(z.view(24, 4, 1, 1))[2].flatten()
+    assert sorted(idx.tolist()) == list(range(24))
+
+
+def test_fsq_gradient_is_straight_through_the_rounding():
+    q = fsq()
+    z_e = latents(requires_grad=True)
+    z_q, losses, _ = q(z_e)
+    assert losses == {}
+    w = latents()
+    (z_q * w).sum().backward()
+    # the same gradient as without rounding: project_out(tanh(project_in(z)))
+    z_ref = z_e.detach().clone().requires_grad_(True)
+    flat = vqvae.flatten_latents(z_ref)
+    ref = vqvae.unflatten_latents(q.project_out(torch.tanh(q.project_in(flat))), z_ref)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(z_e.grad, z_ref.grad)
+
+
+def test_fsq_learns_on_synthetic_images(tmp_path):
+    from conftest import tiny_config
+    cfg = tiny_config(tmp_path, quantizer="fsq", fsq_levels=[5, 4, 4], epochs=7, max_steps=50, log_every=1, lr=2e-3)
+    final = vqvae.train(cfg)
+    recon = [r["recon"] for r in study.read_history(vqvae.run_dir_of(cfg)) if r["split"] == "train"]
+    assert sum(recon[-5:]) / 5 < 0.7 * sum(recon[:5]) / 5
+    for key in ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
+                "usage_batch"):
+        assert key in final
+    assert 1 <= final["perplexity"] <= 80 and final["dead_codes"] == 80 - round(final["usage_rate"] * 80)

@@ -12,8 +12,12 @@ import torch
 
 import kill_resume
 import train as cli
+import study
 import vqvae
+import wandb_log
 from conftest import interrupt_on_call, tiny_config
+
+pytestmark = pytest.mark.slow  # processes, whole runs or W&B: the full suite only (pytest -m "not slow" skips)
 
 TIMING = ("train_time_s", "train_images_per_s", "seconds")
 
@@ -154,9 +158,19 @@ def test_resume_lists_every_key_that_changes_the_checkpoint(tmp_path):
     with pytest.raises(vqvae.VQVAEError, match=r"quantizer \(vq_ema in the checkpoint, ba_vq now\), "
                                                r"codebook_size \(32 in the checkpoint, 16 now\)"):
         vqvae.train(vqvae.dataclasses.replace(cfg, quantizer="ba_vq", codebook_size=16), resume=True)
-    # keys that may change: more epochs, logging
+    # every result-changing key is refused, as a sweep refuses it: the one list of vqvae.RUNTIME_KEYS
+    with pytest.raises(vqvae.VQVAEError, match=r"commitment_weight \(0.25 in the checkpoint, 0.5 now\)"):
+        vqvae.train(vqvae.dataclasses.replace(cfg, commitment_weight=0.5), resume=True)
+    # keys that may change: the run's length, logging
     final = vqvae.train(vqvae.dataclasses.replace(cfg, max_steps=4, log_every=1, wandb=False), resume=True)
     assert final["steps"] == 4
+
+
+def test_resume_refuses_a_ba_option_that_a_sweep_would_refuse(tmp_path):
+    cfg = tiny_config(tmp_path, quantizer="ba_vq", max_steps=2)
+    vqvae.train(cfg)
+    with pytest.raises(vqvae.VQVAEError, match=r"ba_output \(hard_soft_grad in the checkpoint, soft now\)"):
+        vqvae.train(vqvae.dataclasses.replace(cfg, ba_output="soft", max_steps=4), resume=True)
 
 
 def wandb_records(run_dir: Path) -> list:
@@ -189,7 +203,7 @@ def test_wandb_offline_run_holds_what_a_user_compares(tmp_path, monkeypatch):
     assert all(config[k] == v for k, v in vqvae.dataclasses.asdict(cfg).items()), config
     assert any('"run_group": "mystudy"' in json.dumps(r) for r in records)     # the study's W&B group
     rows = wandb_history(run_dir)
-    local = [r for r in vqvae.read_history(run_dir) if r["split"] == "train"]
+    local = [r for r in study.read_history(run_dir) if r["split"] == "train"]
     for key in ("loss", "recon", "commitment", "entropy", "codebook", "perplexity", "usage", "beta"):
         assert [r[f"train/{key}"] for r in rows if f"train/{key}" in r] == pytest.approx([r[key] for r in local]), key
     [val] = [r for r in rows if "val/psnr" in r]
@@ -225,7 +239,7 @@ def test_wandb_crash_mid_run_does_not_end_training(tmp_path, monkeypatch, capsys
         def finish(self):
             raise RuntimeError("still broken")
 
-    monkeypatch.setattr(vqvae, "start_wandb", lambda *args: vqvae.SafeWandb(Broken()))
+    monkeypatch.setattr(vqvae, "start_wandb", lambda *args: wandb_log.SafeWandb(Broken()))
     final = vqvae.train(tiny_config(tmp_path, max_steps=4))
     assert final["steps"] == 4 and "continuing without W&B" in capsys.readouterr().out
 

@@ -13,11 +13,11 @@ import yaml
 import study
 import train as cli
 import vqvae
-from conftest import interrupt_on_call
+import conftest
+from conftest import interrupt_on_call, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(dataset="synthetic", synthetic_size=128, batch_size=32, codebook_size=32, n_hid=16, latent_dim=8,
-            log_every=2, eval_batch_size=64, wandb=False, device="cpu", epochs=2)
+TINY = conftest.TINY | dict(synthetic_size=128, epochs=2)  # the suite's tiny config, a shorter dataset
 
 
 def write_sweep(tmp_path, runs=None, **top):
@@ -55,7 +55,7 @@ def test_sweep_runs_each_run_in_its_directory_and_summarizes(tmp_path):
     assert float(table[1]["psnr_legacy"]) == pytest.approx(final(study_dir / "ba")["psnr_legacy"])
     md = (study_dir / "results.md").read_text()
     assert "| 2 | ba | quantizer=ba_vq ba_iters=2 entropy_weight=0.1 | 1 |" in md
-    counts = vqvae.read_code_counts(study_dir / "vq")
+    counts = study.read_code_counts(study_dir / "vq")
     assert counts.shape == (32,) and counts.sum() == TINY["synthetic_size"] // 4 * 64  # each validation latent once
     assert (counts > 0).sum() == 32 - final(study_dir / "vq")["dead_codes"]
 
@@ -159,7 +159,7 @@ def test_shipped_ba_study_is_the_published_design():
     for p in planned:
         c = p.cfg
         assert (c.arch, c.codebook_size, c.latent_dim, c.batch_size, c.epochs, c.lr, c.weight_decay, c.seed,
-                c.codebook_init, c.beta_schedule) == ("small", 512, 64, 128, 10, 3e-4, 1e-4, 1337, "kmeans", "step")
+                c.codebook_init) == ("small", 512, 64, 128, 10, 3e-4, 1e-4, 1337, "kmeans")
         assert c.commitment_weight == (1.0 if p.run == "ba_high_commitment" else 0.25)
     ba = {p.run: (p.cfg.beta_start, p.cfg.beta_end, p.cfg.ba_iters, p.cfg.entropy_weight)
           for p in planned if p.cfg.quantizer == "ba_vq"}
@@ -260,8 +260,8 @@ def test_shipped_published_sweep_is_the_published_recipe():
                                                             3e-4, 1e-4, 1337)
     ba = {p.run: p.cfg for p in planned if p.cfg.quantizer == "ba_vq"}
     for c in ba.values():
-        assert (c.ba_prior, c.ba_prior_decay, c.ba_eval, c.ba_codebook_update, c.ba_grad_through_iters, c.ba_output,
-                c.beta_schedule, c.codebook_init) == ("running", 0.99, "batch", "grad_ema", True, "hard", "step", "kmeans")
+        assert (c.ba_prior, c.ba_eval, c.ba_codebook_update, c.ba_grad_through_iters, c.ba_output,
+                c.codebook_init) == ("running", "batch", "grad_ema", True, "hard_soft_grad", "kmeans")
         assert c.commitment_weight == c.codebook_weight == c.entropy_weight == 0.0
     assert {n: (c.beta_start, c.beta_end, c.ba_iters) for n, c in ba.items()} == {
         "ba_default": (0.5, 3.0, 2), "ba_exploratory": (0.1, 2.0, 2), "ba_greedy": (1.0, 10.0, 2),
@@ -274,6 +274,10 @@ def test_shipped_published_sweep_is_the_published_recipe():
                   p.cfg.dead_code_threshold) for p in planned if p.cfg.quantizer == "vq_ema"}
     assert vq == {"baseline": ("rotation", 0.25, 0.99, "kmeans_val", 0.0),
                   "baseline_ste": ("ste", 0.25, 0.99, "kmeans_val", 0.0)}
+    # the shared base's BA options do not reach the VQ-EMA runs: they are at their defaults there
+    defaults = vqvae.Config()
+    assert all(getattr(p.cfg, k) == getattr(defaults, k) for p in planned if p.cfg.quantizer == "vq_ema"
+               for k in vqvae.BAVQ.options if k not in vqvae.CodebookQuantizer.options)
 
 
 def test_evaluate_saved_repeats_the_last_validation_and_takes_another_beta(tmp_path):
@@ -331,10 +335,8 @@ def test_critical_beta_is_one_over_twice_the_largest_variance():
 
 
 def test_critical_beta_at_init_sees_the_encoder_that_training_builds(tmp_path):
-    cfg = vqvae.load_config(overrides={"dataset": "synthetic", "synthetic_size": 64, "n_hid": 8, "latent_dim": 4,
-                                       "codebook_size": 8, "device": "cpu", "seed": 3, "batch_size": 32,
-                                       "epochs": 1, "max_steps": 1, "lr": 1e-12, "wandb": False,
-                                       "out_dir": str(tmp_path), "name": "init"})
+    cfg = tiny_config(tmp_path, synthetic_size=64, n_hid=8, latent_dim=4, codebook_size=8, seed=3, max_steps=1,
+                      lr=1e-12, out_dir=str(tmp_path), name="init")
     images = vqvae.make_synthetic(64, seed=0)
     first = study.critical_beta_at_init(cfg, images, n_images=32)
     assert first == study.critical_beta_at_init(cfg, images, n_images=32)      # the seed fixes it
@@ -363,10 +365,8 @@ def test_val_curve_averages_each_epoch_over_the_seeds(tmp_path):
 
 
 def test_gradient_alignment_leaves_the_run_alone_and_compares_like_with_like(tmp_path):
-    cfg = vqvae.load_config(overrides={"dataset": "synthetic", "synthetic_size": 64, "n_hid": 8, "latent_dim": 4,
-                                       "codebook_size": 8, "device": "cpu", "batch_size": 32, "epochs": 1,
-                                       "quantizer": "ba_vq", "beta_units": "relative", "beta_start": 1.0,
-                                       "beta_end": 10.0, "wandb": False, "out_dir": str(tmp_path), "name": "ba"})
+    cfg = tiny_config(tmp_path, synthetic_size=64, n_hid=8, latent_dim=4, codebook_size=8, quantizer="ba_vq",
+                      beta_units="relative", beta_start=1.0, beta_end=10.0, out_dir=str(tmp_path), name="ba")
     vqvae.train(cfg)
     rows = study.gradient_alignment(tmp_path / "ba", betas=(1.0, 1000.0), n_images=16)
     # each β starts from the saved model: a training forward at β = 1000 first changes nothing at β = 1
@@ -412,3 +412,49 @@ def test_soft_spread_at_init_runs_from_all_codes_to_one_as_beta_grows():
     assert again == [one]                                    # the same seeds give the same initial state
     with pytest.raises(vqvae.VQVAEError, match="ba_vq"):
         study.soft_spread_at_init(dataclasses.replace(cfg, quantizer="vq_ema"), images)
+
+
+def test_gradient_alignment_feeds_the_quantizer_what_training_does(tmp_path, monkeypatch):
+    """With latent_norm l2 the quantizer sees unit-length latents (VQVAE.encode), not the raw encoder output."""
+    cfg = tiny_config(tmp_path, synthetic_size=64, n_hid=8, latent_dim=4, codebook_size=8, quantizer="ba_vq",
+                      latent_norm="l2", max_steps=2, out_dir=str(tmp_path), name="ba")
+    vqvae.train(cfg)
+    norms, forward = [], vqvae.BAVQ.forward
+    monkeypatch.setattr(vqvae.BAVQ, "forward", lambda self, z_e: norms.append(z_e.norm(dim=1)) or forward(self, z_e))
+    study.gradient_alignment(tmp_path / "ba", betas=(1.0,), n_images=4)
+    assert norms and all(torch.allclose(n, torch.ones_like(n), atol=1e-5) for n in norms)
+
+
+@pytest.mark.parametrize("sweep_file,study_dir,flags", [
+    ("ba_study.yaml", "ba_study", {}),
+    ("ba_study_published.yaml", "ba_study_published", {}),
+    ("ba_wins.yaml", "ba_wins", {}),
+    ("ba_wins.yaml", "ba_wins_screen", {"epochs": 2}),
+    ("ba_collapse.yaml", "ba_collapse", {}),
+])
+def test_committed_runs_still_count_as_the_runs_of_their_sweep(sweep_file, study_dir, flags):
+    """Every finished run under results/ matches its sweep file as it is now (old value names, retired
+    keys and the base's options of other quantizers included), so the sweep command skips it, and
+    --summarize reads the study."""
+    flags = {"dataset": "folder", "data_dir": "unused", "out_dir": str(ROOT / "results")} | flags
+    _, planned = study.plan_sweep(ROOT / "sweeps" / sweep_file, flags=flags, seeds=3)
+    for p in planned:
+        p.cfg = dataclasses.replace(p.cfg, out_dir=str(ROOT / "results" / study_dir))
+    found = [p for p in planned if study.run_state(p.dir) == "done"]
+    assert len(found) >= 5
+    study.check_existing(found)
+    assert all(row["seeds"] >= 1 for row in study.summary_rows(ROOT / "results" / study_dir))
+
+
+def test_a_sweep_that_cannot_run_under_torchrun_is_refused_before_its_first_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(vqvae.VQVAEError, match="ba_grad_through_iters and ba_eval batch run in one process only"):
+        study.plan_sweep(ROOT / "sweeps" / "ba_study_published.yaml")
+
+
+def test_flags_beside_a_sweep_reach_the_runs_that_use_them_and_no_others(tmp_path):
+    _, planned = study.plan_sweep(write_sweep(tmp_path), flags={"ba_iters": 3, "grad_estimator": "rotation"})
+    assert {p.run: (p.cfg.ba_iters, p.cfg.grad_estimator) for p in planned} == {"vq": (1, "rotation"),
+                                                                                "ba": (3, "ste")}
+    with pytest.raises(vqvae.VQVAEError, match="--fsq_levels applies to none of the planned runs"):
+        study.plan_sweep(write_sweep(tmp_path), flags={"fsq_levels": "4,4"})

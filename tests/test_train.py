@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train as cli
+import study
 import vqvae
 from conftest import interrupt_on_call, tiny_config
 
@@ -34,7 +35,7 @@ def test_cli_run_writes_every_result_file(tmp_path):
                 "train_time_s", "train_images_per_s"):
         assert key in final, key
     assert final["steps"] == 2 * (256 // 32) and final["beta"] == pytest.approx(3.0)
-    history = vqvae.read_history(run)
+    history = study.read_history(run)
     train_rows = [r for r in history if r["split"] == "train"]
     val_rows = [r for r in history if r["split"] == "val"]
     assert len(train_rows) == 8 and len(val_rows) == 2
@@ -98,6 +99,7 @@ def test_existing_results_are_not_overwritten(tmp_path):
     ("vq_ema", {"grad_estimator": "rotation", "dead_code_threshold": 2.0}),  # re-seeding draws from the RNG
     ("ba_vq", {"beta_units": "relative"}),  # σ and whether it was measured travel in the checkpoint
 ])
+@pytest.mark.slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch, quantizer, extra):
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=3, **extra)
     reference = vqvae.train(dataclasses_replace(cfg, name="whole"))
@@ -112,7 +114,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     assert results(resumed) == results(reference)
     model = torch.load(tmp_path / "experiments" / "run" / "final_model.pt")["model"]
     assert all(torch.equal(model[k], ref_model[k]) for k in ref_model if not k.endswith("_extra_state"))
-    steps = [r["step"] for r in vqvae.read_history(tmp_path / "experiments" / "run") if r["split"] == "train"]
+    steps = [r["step"] for r in study.read_history(tmp_path / "experiments" / "run") if r["split"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated records from the interrupted epoch
     assert resumed["seconds"]["kmeans"] > 0  # timed in the first session only: the checkpoint carried it
 
@@ -147,9 +149,10 @@ def test_kmeans_with_too_few_vectors_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("quantizer,extra", [
-    ("ba_vq", dict(ba_iters=3, ba_codebook_update="ema", ba_output="soft", beta_schedule="epoch")),
+    ("ba_vq", dict(ba_iters=3, ba_codebook_update="ema", ba_output="soft")),
     ("vq_ema", dict(codebook_init="uniform", precision="bf16", arch="resnet", n_hid=8, latent_dim=8)),
-    ("ba_vq", dict(ba_output="ste", beta_units="critical", latent_norm="l2", ba_prior="running")),
+    ("ba_vq", dict(ba_output="hard_ste", beta_units="critical", latent_norm="l2", ba_prior="running")),
+    ("fsq", dict(fsq_levels=[4, 3, 2], latent_norm="l2", precision="bf16")),
     ("vq_ema", dict(latent_norm="l2", dead_code_threshold=1.0)),
 ])
 def test_other_options_train(tmp_path, quantizer, extra):
@@ -157,6 +160,7 @@ def test_other_options_train(tmp_path, quantizer, extra):
     assert final["steps"] == 3 and torch.isfinite(torch.tensor(final["psnr"]))
 
 
+@pytest.mark.slow
 def test_misspelt_key_exits_nonzero_naming_the_nearest(tmp_path):
     """The real command line: exit status and one line on stderr, before any work."""
     bad = tmp_path / "bad.yaml"
@@ -177,7 +181,7 @@ def test_training_learns(tmp_path, quantizer, extra):
     problem of β.)"""
     cfg = tiny_config(tmp_path, quantizer=quantizer, epochs=7, max_steps=50, log_every=1, lr=2e-3, **extra)
     vqvae.train(cfg)
-    recon = [r["recon"] for r in vqvae.read_history(vqvae.run_dir_of(cfg)) if r["split"] == "train"]
+    recon = [r["recon"] for r in study.read_history(vqvae.run_dir_of(cfg)) if r["split"] == "train"]
     assert len(recon) == 50
     assert sum(recon[-5:]) / 5 < 0.85 * sum(recon[:5]) / 5
 
@@ -185,12 +189,14 @@ def test_training_learns(tmp_path, quantizer, extra):
 def test_beta_follows_its_schedule_at_every_logged_step(tmp_path):
     cfg = tiny_config(tmp_path, quantizer="ba_vq", epochs=3, log_every=1, beta_start=0.2, beta_end=4.0)
     vqvae.train(cfg)
-    history = vqvae.read_history(vqvae.run_dir_of(cfg))
-    steps_per_epoch, total = 256 // 32, 3 * (256 // 32)
+    history = study.read_history(vqvae.run_dir_of(cfg))
+    total = 3 * (256 // 32)
     train = [r for r in history if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, total + 1))
+    schedule = vqvae.make_quantizer(cfg)
     for r in train:  # the record of step s was trained with β of step index s − 1
-        assert r["beta"] == pytest.approx(vqvae.beta_at(r["step"] - 1, total, steps_per_epoch, cfg))
+        schedule.before_step(r["step"] - 1, total)
+        assert r["beta"] == pytest.approx(schedule.beta)
     assert train[0]["beta"] == pytest.approx(0.2) and train[-1]["beta"] == pytest.approx(4.0)
 
 
