@@ -37,7 +37,7 @@ import vqvae
 
 SWEEP_KEYS = ("study", "base", "runs")
 METRICS = ("psnr", "psnr_legacy", "perplexity", "usage_rate", "dead_codes", "psnr_batch", "perplexity_batch",
-           "usage_batch", "beta", "train_time_s")
+           "usage_batch", "bits_per_index", "entropy_bits", "bits_per_pixel", "beta", "train_time_s")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 # The published BA study's final numbers (EXPERIMENT_SUMMARY.md of its repository, commit b7d2839),
 # in its own convention: per-batch PSNR ([0, 1] pixels), perplexity and usage of validation batches
@@ -312,18 +312,25 @@ def results_markdown(rows: list[dict], title: str) -> str:
              "the histogram of all validation codes. Batch level (the published study's convention): psnr_batch "
              "([0,1] pixels), perplexity_batch and usage_batch computed per validation batch of eval_batch_size "
              "and averaged over the full batches. Hard codes throughout. Mean ± sample std over seeds where "
-             "there are several.", "",
-             "| # | run | settings | seeds | psnr (dB) | psnr_legacy (dB) | perplexity | usage (%) | dead codes "
-             "| psnr_batch (dB) | perplexity_batch | usage_batch (%) | final β | train time (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "there are several.", ""]
+    rate = any(not math.isnan(r["bits_per_index"]) for r in rows)  # runs made before the rate metrics have none
+    if rate:
+        lines += ["Rate: bits/index is the cross-entropy of the validation codes under the training codes' "
+                  "marginal (add-one smoothing), what an entropy coder fitted on the training set spends; "
+                  "bits/pixel = bits/index × 64 latents / 1,024 pixels.", ""]
+    lines += ["| # | run | settings | seeds | psnr (dB) | psnr_legacy (dB) | perplexity | usage (%) | dead codes "
+              "| psnr_batch (dB) | perplexity_batch | usage_batch (%) |" + (" bits/index | bits/pixel |" if rate else "")
+              + " final β | train time (min) |", "|---" * (16 if rate else 14) + "|"]
     for i, r in enumerate(rows, 1):
         cells = [str(i), r["run"], r["settings"].replace("|", "/") or r["quantizer"], str(r["seeds"]),
                  _fmt(r["psnr"], r["psnr_std"], 2), _fmt(r["psnr_legacy"], r["psnr_legacy_std"], 2),
                  _fmt(r["perplexity"], r["perplexity_std"], 1), _fmt(r["usage_rate"], r["usage_rate_std"], 1, 100),
                  _fmt(r["dead_codes"], r["dead_codes_std"], 0), _fmt(r["psnr_batch"], r["psnr_batch_std"], 2),
                  _fmt(r["perplexity_batch"], r["perplexity_batch_std"], 1),
-                 _fmt(r["usage_batch"], r["usage_batch_std"], 1, 100), _fmt(r["beta"], r["beta_std"], 2),
-                 _fmt(r["train_time_s"], r["train_time_s_std"], 1, 1 / 60)]
+                 _fmt(r["usage_batch"], r["usage_batch_std"], 1, 100)]
+        if rate:
+            cells += [_fmt(r["bits_per_index"], r["bits_per_index_std"], 2), _fmt(r["bits_per_pixel"], r["bits_per_pixel_std"], 3)]
+        cells += [_fmt(r["beta"], r["beta_std"], 2), _fmt(r["train_time_s"], r["train_time_s_std"], 1, 1 / 60)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -805,6 +812,10 @@ def make_figures(results_dir="results", out_dir="results/figures") -> list[Path]
                "ba_collapse": lambda: figure_ba_collapse(plt, published, ours, collapse, collapse_200),
                "sorted_usage": lambda: figure_sorted_usage(plt, wins),
                "recon_grid": lambda: figure_recon_grid(plt, wins)}
+    rd_dir = results_dir / "rate_distortion"
+    if rd_dir.is_dir():  # drawn once the rate–distortion study has results
+        figures["rate_distortion"] = lambda: figure_rate_distortion(
+            plt, rd_points(read_study(rd_dir)), "Small model, CIFAR-10; markers: runs (bars: std over seeds)")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in figures.items():
@@ -814,3 +825,63 @@ def make_figures(results_dir="results", out_dir="results/figures") -> list[Path]
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate and distortion: PSNR against bits per pixel, one point per run of a study
+# ---------------------------------------------------------------------------------------------
+
+
+def rd_family(config: dict) -> str:
+    """The frontier a run belongs to: vq_ema, vq_ema re-seeded, ba_vq or fsq."""
+    if config["quantizer"] == "vq_ema":
+        return "vq_ema, re-seeded" if config.get("dead_code_threshold", 0) > 0 else "vq_ema"
+    return config["quantizer"]
+
+
+def rd_points(records: list) -> list[dict]:
+    """One point per finished run of a study (records from read_study) that has the rate metrics: its
+    family, name, number of seeds, and mean and sample std over seeds of bits_per_pixel, bits_per_index
+    and psnr (dataset level, [0, 1] pixels); the seeds' own values in `per_seed`."""
+    points = []
+    for run in dict.fromkeys(r["run"] for r in records):
+        done = [r for r in records if r["run"] == run and r["final"] and "bits_per_pixel" in r["final"]]
+        if not done:
+            continue
+        point = {"family": rd_family(done[0]["config"]), "run": run, "seeds": len(done),
+                 "per_seed": {r["seed"]: r["final"] for r in done}}
+        for key in ("bits_per_pixel", "bits_per_index", "psnr"):
+            point[key], point[f"{key}_std"] = mean_std([r["final"][key] for r in done])
+        points.append(point)
+    return points
+
+
+def frontier_psnr(points: list, family: str, bits_per_pixel: float, key: str = "psnr"):
+    """A family's PSNR at a rate, interpolated linearly between its two points of nearest rate on either
+    side (sorted by rate); None outside the family's measured range."""
+    line = sorted((p["bits_per_pixel"], p[key]) for p in points if p["family"] == family)
+    for (r0, q0), (r1, q1) in zip(line, line[1:]):
+        if r0 <= bits_per_pixel <= r1:
+            return q0 if r1 == r0 else q0 + (q1 - q0) * (bits_per_pixel - r0) / (r1 - r0)
+    return None
+
+
+def figure_rate_distortion(plt, points: list, title: str = ""):
+    """PSNR against bits per pixel: one marker per run (bars: std over seeds), a line per family."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = {"vq_ema": "tab:blue", "vq_ema, re-seeded": "tab:green", "ba_vq": "tab:orange", "fsq": "tab:purple"}
+    for family, color in colors.items():
+        mine = sorted((p for p in points if p["family"] == family), key=lambda p: p["bits_per_pixel"])
+        if not mine:
+            continue
+        x, y = [p["bits_per_pixel"] for p in mine], [p["psnr"] for p in mine]
+        xerr = [0 if p["bits_per_pixel_std"] != p["bits_per_pixel_std"] else p["bits_per_pixel_std"] for p in mine]
+        yerr = [0 if p["psnr_std"] != p["psnr_std"] else p["psnr_std"] for p in mine]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-", ms=4, color=color, capsize=2, label=family)
+    ax.set_xlabel("rate: bits per pixel (validation codes under the training marginal)")
+    ax.set_ylabel("validation PSNR (dB, whole set, [0, 1] pixels)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

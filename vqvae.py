@@ -81,10 +81,9 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)  # validate() already checked the spelling
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VQVAEError(f"device '{name}' asked for, but CUDA is not available here; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise VQVAEError(f"device '{name}' asked for, but MPS is not available here; use --device auto or cpu")
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available and not available():
+        raise VQVAEError(f"device '{name}' asked for, but {device.type.upper()} is not available here; use --device auto or cpu")
     return device
 
 
@@ -1149,11 +1148,9 @@ class BAVQ(CodebookQuantizer):
         self.ba_iters, self.prior_mode, self.reseed_prior = cfg.ba_iters, cfg.ba_prior, cfg.ba_reseed_prior
         self.commitment_weight, self.codebook_weight = cfg.commitment_weight, cfg.codebook_weight
         self.entropy_weight, self.output = cfg.entropy_weight, cfg.ba_output
-        self.centroid_ema = cfg.ba_codebook_update == "grad_ema"
-        self.grad_through_iters, self.eval_rule = cfg.ba_grad_through_iters, cfg.ba_eval
-        self.fast_path = cfg.ba_fast_path
+        self.centroid_ema, self.fast_path = cfg.ba_codebook_update == "grad_ema", cfg.ba_fast_path
+        self.grad_through_iters, self.eval_rule, self.beta_units = cfg.ba_grad_through_iters, cfg.ba_eval, cfg.beta_units
         self.register_buffer("prior", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
-        self.beta_units = cfg.beta_units
         self.register_buffer("distance_scale", torch.ones(()))  # σ; measured at the first training step
         self.scale_measured = False
 
@@ -1440,6 +1437,18 @@ def reconstruction_metrics(sse_pm1: float, n_values: int) -> dict:
     return {"mse": mse_pm1 / 4, "psnr": psnr(mse_pm1 / 4), "psnr_legacy": psnr(mse_pm1)}
 
 
+def rate_metrics(train_counts: torch.Tensor, val_counts: torch.Tensor, latents_per_image: int) -> dict:
+    """The rate an entropy coder fitted on the training codes would spend: bits_per_index, the cross-entropy
+    (bits) of the validation codes (K,) under the training codes' marginal (K,) with add-one smoothing (an
+    unseen code costs log2(n_train + K)); entropy_bits, log2 of the validation perplexity (test-on-test);
+    bits_per_pixel, bits_per_index × latents per image / 32×32 pixels."""
+    with host_math():
+        train, val = train_counts.cpu().double(), val_counts.cpu().double()
+        bits = (-(val * ((train + 1) / (train.sum() + train.numel())).log2()).sum() / val.sum()).item()
+    return {"bits_per_index": bits, "entropy_bits": math.log2(perplexity(val_counts)),
+            "bits_per_pixel": bits * latents_per_image / IMAGE_SIZE**2}
+
+
 def batch_average_metrics(sse_pm1: torch.Tensor, counts: torch.Tensor, values_per_batch: int) -> dict:
     """The published study's convention, each metric per validation batch, then averaged: from sse_pm1
     (n,), each batch's squared error on [−1, 1], and counts (n, K), the sums over the n batches of
@@ -1487,11 +1496,10 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
 
 
 def rng_states(device: torch.device) -> dict:
+    """CPU, NumPy and Python RNG states, and the device's (dead-code re-seeding draws from its default generator)."""
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":  # dead-code re-seeding draws from the device's default generator
-        states["mps"] = torch.mps.get_rng_state()
+    if device.type in ("cuda", "mps"):  # torch.cuda / torch.mps: the current device's state
+        states[device.type] = getattr(torch, device.type).get_rng_state()
     return states
 
 
@@ -1499,10 +1507,8 @@ def set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "cuda" in states and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    if "mps" in states and device.type == "mps":
-        torch.mps.set_rng_state(states["mps"])
+    if device.type in states:
+        getattr(torch, device.type).set_rng_state(states[device.type])
 
 
 def _read_checkpoint(path: Path, weights_only: bool = False) -> tuple[Optional[dict], str]:
@@ -1516,18 +1522,13 @@ def _read_checkpoint(path: Path, weights_only: bool = False) -> tuple[Optional[d
         return None, f"{type(e).__name__}: {first}"
 
 
-def checkpoint_paths(run_dir: Path) -> list:
-    """A run's full checkpoints, newest first: last.pt, then checkpoint_epoch<N>.pt by N."""
-    epochs = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
-    return [run_dir / "last.pt"] + epochs[::-1]
-
-
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint, or a one-line error naming the file and the newest readable checkpoint beside it."""
     state, reason = _read_checkpoint(path)
     if state is not None:
         return state
-    good = next(((p, s) for p in checkpoint_paths(path.parent) if p != path and p.is_file()
+    others = sorted(path.parent.glob("checkpoint_epoch*.pt"), key=lambda p: -int(re.sub(r"\D", "", p.stem) or 0))
+    good = next(((p, s) for p in [path.parent / "last.pt"] + others if p != path and p.is_file()
                  for s in [_read_checkpoint(p)[0]] if s is not None and "optimizer" in s), None)
     hint = (f"; the newest readable checkpoint is {good[0]} (step {good[1]['step']}): copy it to "
             f"{path.parent / 'last.pt'} to resume from there" if good else "; no other readable checkpoint in that directory")
@@ -1581,16 +1582,11 @@ class History:
         self.file.flush()
         self.wandb_run.log({f"{split}/{k}": v for k, v in metrics.items()} | {"epoch": epoch}, step=step)
 
-    @property
-    def wants_media(self) -> bool:
-        """Whether log_media has a reader: a process that writes, with W&B on."""
-        return self.file is not None and not isinstance(self.wandb_run, NoWandb)
-
-    def log_media(self, step: int, grid: np.ndarray, counts: torch.Tensor) -> None:
-        """W&B only (the files hold both already): the reconstruction grid as an image and the
-        histogram of how many validation latents each code received (dead codes pile up at 0)."""
-        if self.wants_media:
-            self.wandb_run.log_media(step, grid, counts)
+    def log_media(self, step: int, make_grid, counts: torch.Tensor) -> None:
+        """W&B only (the files hold both): the reconstruction grid (make_grid() costs a forward pass, so it
+        runs only then) and the histogram of the validation latents per code (dead codes pile up at 0)."""
+        if self.file is not None and not isinstance(self.wandb_run, NoWandb):
+            self.wandb_run.log_media(step, make_grid(), counts)
 
     def close(self):
         if self.file is not None:
@@ -1942,9 +1938,8 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
             with state.timed("validation"):
                 val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
                 history.log("val", state.step, epoch, val | model.quantizer.log_values())
-                if history.wants_media:  # the grid costs a forward pass: only when W&B will take it
-                    history.log_media(state.step, recon_grid(model, x_val), counts[-1])
-            report_validation(val, epoch, -(-total_steps // steps_per_epoch), state.step)
+                history.log_media(state.step, lambda: recon_grid(model, x_val), counts[-1])
+            report_validation(pbar, val, epoch, -(-total_steps // steps_per_epoch), state.step)
             checkpoints.save("last.pt")
             if cfg.checkpoint_freq and (epoch + 1) % cfg.checkpoint_freq == 0:
                 checkpoints.save(f"checkpoint_epoch{epoch + 1}.pt")
@@ -1954,9 +1949,9 @@ def training_loop(cfg: Config, model: VQVAE, net: nn.Module, optimizer, state: T
     return val, counts
 
 
-def report_validation(val: dict, epoch: int, n_epochs: int, step: int) -> None:
-    if world()[0] == 0:
-        print(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB (batch mean "
+def report_validation(pbar, val: dict, epoch: int, n_epochs: int, step: int) -> None:
+    if world()[0] == 0:  # above the progress bar, on a line of its own
+        pbar.write(f"epoch {epoch + 1}/{n_epochs} step {step}: psnr {val['psnr']:.2f} dB (batch mean "
               f"{val['psnr_batch']:.2f}), perplexity {val['perplexity']:.1f}, usage {val['usage_rate']:.3f}")
 
 
@@ -2011,10 +2006,15 @@ def start_or_restore(cfg: Config, model: VQVAE, optimizer, state: TrainState, ch
         atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(cfg).encode())
 
 
-def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, counts: list, x_test: torch.Tensor,
-                  run_dir: Path, steps_per_epoch: int) -> dict:
-    """final_model.pt, code_counts.json, recon.png, and last final_metrics.json, which marks the run done."""
-    final = dict(val) | model.quantizer.log_values()
+def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, counts: list, x_train: torch.Tensor,
+                  x_test: torch.Tensor, run_dir: Path, steps_per_epoch: int, history: History) -> dict:
+    """Rate metrics (a pass over x_train), final_model.pt, code_counts.json, recon.png, last final_metrics.json."""
+    train_counts = []  # the training images' codes under the final model, one pass
+    with state.timed("results"):
+        evaluate(model, x_train[world()[0]::world()[1]], cfg.eval_batch_size, cfg.precision, counts_out=train_counts)
+    rate = rate_metrics(train_counts[0], counts[-1], (IMAGE_SIZE // 4) ** 2)
+    history.log("final", state.step, (state.step - 1) // steps_per_epoch, rate)
+    final = dict(val) | rate | model.quantizer.log_values()
     steps_s = state.seconds["steps"]
     final |= {"epochs": state.step / steps_per_epoch, "steps": state.step, "train_time_s": state.wall_time(),
               "train_images_per_s": state.step * cfg.batch_size / steps_s if steps_s else float("nan")}
@@ -2027,8 +2027,8 @@ def write_results(cfg: Config, model: VQVAE, state: TrainState, val: dict, count
     final["seconds"] = {k: round(v, 3) for k, v in state.seconds.items()}
     if world()[0] == 0:
         atomic_write_bytes(run_dir / "final_metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-        print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, "
-              f"usage {final['usage_rate']:.3f}, {final['train_images_per_s']:.0f} images/s")
+        print(f"done: {run_dir} — psnr {final['psnr']:.2f} dB, perplexity {final['perplexity']:.1f}, usage "
+              f"{final['usage_rate']:.3f}, {final['bits_per_pixel']:.3f} bits/pixel, {final['train_images_per_s']:.0f} images/s")
     return final
 
 
@@ -2069,7 +2069,8 @@ def train_on(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -
         val, counts = training_loop(cfg, model, net, optimizer, state, x_train, x_val, history, checkpoints, pbar)
         if val is None:  # resumed a run that had already finished its steps
             val = evaluate(model, x_val, cfg.eval_batch_size, cfg.precision, counts_out=counts)
-        return write_results(cfg, model, state, val, counts, x_test, run_dir, steps_per_epoch)
+        pbar.close()  # before the last lines, so the bar is not drawn again after them
+        return write_results(cfg, model, state, val, counts, x_train, x_test, run_dir, steps_per_epoch, history)
     finally:
         pbar.close()
         history.close()

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,23 @@ def test_cifar10_offline_error_names_the_options(tmp_path, monkeypatch):
     with pytest.raises(vqvae.VQVAEError) as e:
         vqvae.load_dataset(cfg)
     assert "--data_dir" in str(e.value) and "--dataset folder" in str(e.value) and "synthetic" in str(e.value)
+
+
+def test_a_failed_start_leaves_no_empty_directories(tmp_path, monkeypatch):
+    """A run that cannot get its data stops before making its experiment directory, and the data
+    directory that torchvision made on the way is removed again."""
+    import torchvision.datasets
+
+    def no_network(root, **kwargs):
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before downloading
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    cfg = vqvae.load_config(overrides=dict(dataset="cifar10", data_dir=str(tmp_path / "data"), wandb=False,
+                                           out_dir=str(tmp_path / "experiments"), name="r", device="cpu"))
+    with pytest.raises(vqvae.VQVAEError, match="could not get CIFAR-10"):
+        vqvae.train(cfg)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "experiments").exists()
 
 
 def test_folder_cache_is_rebuilt_when_a_file_changes(tmp_path):

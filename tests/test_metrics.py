@@ -104,3 +104,41 @@ def test_evaluate_batch_metrics_are_means_over_full_batches():
     assert got["perplexity_batch"] == pytest.approx(sum(ppls) / 2, rel=1e-9)
     assert got["usage_batch"] == pytest.approx(sum(usages) / 2)
     assert got["perplexity_batch"] != pytest.approx(got["perplexity"])  # dataset-level differs
+
+
+# --- rate: what an entropy coder fitted on the training codes would spend --------------------
+
+
+def test_rate_of_uniform_codes_is_log2_K():
+    K = 64
+    rate = vqvae.rate_metrics(torch.full((K,), 1000), torch.full((K,), 10), latents_per_image=64)
+    assert rate["bits_per_index"] == pytest.approx(math.log2(K))
+    assert rate["entropy_bits"] == pytest.approx(math.log2(K))
+    assert rate["bits_per_pixel"] == pytest.approx(math.log2(K) * 64 / 1024)
+
+
+def test_a_code_unseen_in_training_costs_what_add_one_smoothing_says():
+    """train: 6 of code 0, 2 of code 1, none of codes 2 and 3 (n = 8, K = 4): Q = (7, 3, 1, 1) / 12.
+    Validation: one index of code 0 and one of code 2 → (log2(12/7) + log2(12/1)) / 2 bits."""
+    train, val = torch.tensor([6, 2, 0, 0]), torch.tensor([1, 0, 1, 0])
+    rate = vqvae.rate_metrics(train, val, latents_per_image=64)
+    assert rate["bits_per_index"] == pytest.approx((math.log2(12 / 7) + math.log2(12)) / 2)
+    assert rate["entropy_bits"] == pytest.approx(1.0)                      # two codes, equally used
+    # the cross-entropy under a training marginal is never below the validation entropy (Gibbs)
+    assert rate["bits_per_index"] >= rate["entropy_bits"]
+
+
+def test_a_run_reports_its_rate_from_the_training_codes_of_its_final_model(tmp_path):
+    from conftest import tiny_config
+    cfg = tiny_config(tmp_path, max_steps=2)
+    final = vqvae.train(cfg)
+    model = vqvae.load_model(vqvae.run_dir_of(cfg) / "final_model.pt")
+    train, test = vqvae.load_dataset(cfg)
+    import study
+    counts = study.read_code_counts(vqvae.run_dir_of(cfg))
+    train_counts = []
+    vqvae.evaluate(model, vqvae.to_device_uint8(train, torch.device("cpu")), 40, counts_out=train_counts)
+    assert train_counts[0].sum() == len(train) * 64                           # every training latent once
+    assert final["bits_per_index"] == pytest.approx(vqvae.rate_metrics(train_counts[0], counts, 64)["bits_per_index"])
+    assert [r for r in study.read_history(vqvae.run_dir_of(cfg)) if r["split"] == "final"][0]["bits_per_pixel"] == \
+        pytest.approx(final["bits_per_pixel"])

@@ -39,6 +39,6 @@ def test_notebook_runs_headless_on_a_tiny_study(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 6      # metrics, BA against its matched baselines, perplexity/β, PSNR per epoch, usage, reconstructions
+    assert len(images) == 7      # metrics, BA against its matched baselines, rate–distortion, perplexity/β, PSNR per epoch, usage, reconstructions
     table = next(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
     assert "| 1 | baseline |" in table and "| 2 | ba_iters5 |" in table and "±" in table
