@@ -833,10 +833,8 @@ def make_figures(results_dir="results", out_dir="results/figures") -> list[Path]
 
 
 def rd_family(config: dict) -> str:
-    """The frontier a run belongs to: vq_ema, vq_ema re-seeded, ba_vq or fsq."""
-    if config["quantizer"] == "vq_ema":
-        return "vq_ema, re-seeded" if config.get("dead_code_threshold", 0) > 0 else "vq_ema"
-    return config["quantizer"]
+    """The frontier a run belongs to: its quantizer, and ", re-seeded" with dead-code re-seeding."""
+    return config["quantizer"] + (", re-seeded" if config.get("dead_code_threshold", 0) > 0 else "")
 
 
 def rd_points(records: list) -> list[dict]:
@@ -869,7 +867,8 @@ def frontier_psnr(points: list, family: str, bits_per_pixel: float, key: str = "
 def figure_rate_distortion(plt, points: list, title: str = ""):
     """PSNR against bits per pixel: one marker per run (bars: std over seeds), a line per family."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = {"vq_ema": "tab:blue", "vq_ema, re-seeded": "tab:green", "ba_vq": "tab:orange", "fsq": "tab:purple"}
+    colors = {"vq_ema": "tab:blue", "vq_ema, re-seeded": "tab:green", "ba_vq": "tab:orange",
+              "ba_vq, re-seeded": "tab:red", "fsq": "tab:purple"}
     for family, color in colors.items():
         mine = sorted((p for p in points if p["family"] == family), key=lambda p: p["bits_per_pixel"])
         if not mine:
