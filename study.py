@@ -11,12 +11,14 @@ A sweep file holds the study's name, a base config and the runs as overrides of 
       - {name: baseline, quantizer: vq_ema}
       - {name: ba_default, quantizer: ba_vq, ba_iters: 2}
 
-A run's config is: defaults ← --config YAML ← base ← the run's keys ← flags given beside --sweep.
+A run's config is: defaults ← --config YAML ← base ← the run's keys ← flags given beside --sweep;
+the base and the flags may set options of several quantizers, and each run takes its own quantizer's.
 Finished runs are skipped and interrupted ones resumed, so the same command continues a study.
 With --seeds N each run is repeated with seeds s, s+1, …, s+N−1 (s: the configured seed); the
 first seed's directory is <run>/, the others' <run>_seed<S>/.
 
-This module also reads studies back (for --summarize and analyze.ipynb): read_study, summarize.
+This module also reads studies back (for --summarize, analyze.ipynb and RESULTS.md's figures):
+read_study, summarize, the diagnostics of finished runs, make_figures, and the rate–distortion points.
 """
 from __future__ import annotations
 

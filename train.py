@@ -5,7 +5,7 @@
     python train.py --summarize experiments/ba_study
 
 Every key of vqvae.Config is a flag; flags override the YAML file, which overrides the defaults.
-With --sweep, flags override every run of the study (see study.py).
+With --sweep, flags override every run of the study that uses them (see study.py).
 """
 import argparse
 import dataclasses
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an existing run of this name "
                         "(with --sweep: redo every run of the study)")
     parser.add_argument("--sweep", metavar="FILE", help="run every run of a sweep file (e.g. sweeps/ba_study.yaml) "
-                        "in order, skipping finished runs and resuming interrupted ones; other flags override every run")
+                        "in order, skipping finished runs and resuming interrupted ones; other flags override every run "
+                        "whose quantizer uses them")
     parser.add_argument("--seeds", metavar="N", type=int, default=1, help="with --sweep: repeat each run with N seeds "
                         "(seed, seed+1, ...)")
     parser.add_argument("--runs", metavar="NAMES", help="with --sweep: only these runs of the sweep file, as "
