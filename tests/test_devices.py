@@ -54,6 +54,7 @@ DEVICE_PATHS = [
     ("ba_vq", {"beta_units": "relative", "ba_eval": "batch", "ba_iters": 2, "ba_fast_path": False}),
     ("ba_vq", {"ba_output": "hard_ste", "ba_codebook_update": "grad_ema", "ba_grad_through_iters": True, "ba_iters": 2,
                "augment": "crop_flip", "pixel_range": "unit"}),
+    ("fsq", {"fsq_levels": [4, 3, 2], "latent_norm": "l2"}),
 ]
 
 
