@@ -1308,7 +1308,7 @@ class FSQ(Quantizer):
     def __init__(self, cfg: Config):
         super().__init__()
         levels = torch.tensor(cfg.fsq_levels)
-        self.codebook_size = int(levels.prod())
+        self.codebook_size = self.num_codes(cfg)
         self.register_buffer("levels", levels.float(), persistent=False)                     # (d,)
         self.register_buffer("radix", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
         self.project_in = nn.Linear(cfg.latent_dim, len(levels))
