@@ -346,7 +346,7 @@ def summarize(study_dir) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     vqvae.atomic_write_bytes(study_dir / "experiment_results.csv", table.getvalue().encode())
-    markdown = results_markdown(rows, f"Study {study_dir.name}")
+    markdown = results_markdown(rows, f"Study {study_dir.name}") + rd_markdown(rd_points(read_study(study_dir)))
     vqvae.atomic_write_bytes(study_dir / "results.md", markdown.encode())
     print(markdown)
     print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
@@ -856,29 +856,126 @@ def rd_points(records: list) -> list[dict]:
     return points
 
 
-def frontier_psnr(points: list, family: str, bits_per_pixel: float, key: str = "psnr"):
-    """A family's PSNR at a rate, interpolated linearly between its two points of nearest rate on either
-    side (sorted by rate); None outside the family's measured range."""
-    line = sorted((p["bits_per_pixel"], p[key]) for p in points if p["family"] == family)
-    for (r0, q0), (r1, q1) in zip(line, line[1:]):
+def family_line(points: list, family: str, seed=None) -> list[tuple]:
+    """A family's points as (bits_per_pixel, psnr, run), sorted by rate: the means over seeds, or with
+    `seed` the values of that seed (runs without it left out)."""
+    if seed is None:
+        return sorted((p["bits_per_pixel"], p["psnr"], p["run"]) for p in points if p["family"] == family)
+    return sorted((p["per_seed"][seed]["bits_per_pixel"], p["per_seed"][seed]["psnr"], p["run"])
+                  for p in points if p["family"] == family and seed in p["per_seed"])
+
+
+def envelope(line: list) -> list[tuple]:
+    """The points of a line (rate, psnr, run) that no point of lower or equal rate beats: the family's
+    operational rate–distortion frontier, sorted by rate."""
+    kept = []
+    for point in sorted(line):
+        if kept and point[1] > kept[-1][1] and point[0] == kept[-1][0]:
+            kept[-1] = point
+        elif not kept or point[1] > kept[-1][1]:
+            kept.append(point)
+    return kept
+
+
+def frontier_at(line: list, bits_per_pixel: float):
+    """(psnr, lower run, upper run): the envelope of a line (rate, psnr, run) at a rate, linear between
+    its two neighbouring points; None outside the measured range."""
+    front = envelope(line)
+    for (r0, q0, n0), (r1, q1, n1) in zip(front, front[1:]):
         if r0 <= bits_per_pixel <= r1:
-            return q0 if r1 == r0 else q0 + (q1 - q0) * (bits_per_pixel - r0) / (r1 - r0)
+            return q0 + (q1 - q0) * (bits_per_pixel - r0) / (r1 - r0), n0, n1
+    if front and front[-1][0] == bits_per_pixel:
+        return front[-1][1], front[-1][2], front[-1][2]
     return None
 
 
+def frontier_psnr(points: list, family: str, bits_per_pixel: float):
+    """A family's frontier PSNR (means over seeds) at a rate, or None outside its measured range."""
+    found = frontier_at(family_line(points, family), bits_per_pixel)
+    return None if found is None else found[0]
+
+
+def matched_rate(points: list, family: str, against: str) -> list[dict]:
+    """Each run of `family` against the frontier of `against` at the run's own rate, seed by seed: the
+    difference psnr − frontier for every seed the run has, where `against`'s frontier of the same seed
+    covers that rate. One row per run with at least one such seed: the seeds' differences, their mean,
+    sample std and minimum, and the neighbouring runs the frontier was interpolated between."""
+    rows = []
+    for p in (q for q in points if q["family"] == family):
+        diffs, neighbours, fronts = {}, {}, []
+        for seed, final in sorted(p["per_seed"].items()):
+            found = frontier_at(family_line(points, against, seed), final["bits_per_pixel"])
+            if found is not None:
+                diffs[seed] = final["psnr"] - found[0]
+                fronts.append(found[0])
+                neighbours.update(dict.fromkeys(found[1:]))  # in order of rate
+        if diffs:
+            mean, std = mean_std(list(diffs.values()))
+            rows.append({"run": p["run"], "family": family, "against": against, "bits_per_pixel": p["bits_per_pixel"],
+                         "psnr": p["psnr"], "frontier": sum(fronts) / len(fronts), "neighbours": list(neighbours),
+                         "diffs": diffs, "diff": mean, "diff_std": std, "diff_min": min(diffs.values())})
+    return rows
+
+
+def saturation(points: list, family: str, within: float = 0.1) -> dict:
+    """Where a family stops gaining: its best run (mean PSNR) and the lowest-rate run whose PSNR is
+    within `within` dB of it; `rising` when the best run is also the family's highest-rate one, i.e.
+    PSNR still grew at the largest size measured."""
+    line = family_line(points, family)
+    best = max(line, key=lambda q: q[1])
+    first = next(q for q in line if q[1] >= best[1] - within)
+    return {"family": family, "best": best[2], "best_psnr": best[1], "best_rate": best[0], "saturates": first[2],
+            "saturation_rate": first[0], "rising": len(line) > 1 and best is line[-1] and first is best}
+
+
+def rd_markdown(points: list) -> str:
+    """The matched-rate comparisons and the saturation of each family, as markdown (empty with one family)."""
+    families = list(dict.fromkeys(p["family"] for p in points))
+    if len(families) < 2:
+        return ""
+    lines = ["", "## Rate and distortion", "",
+             "Each run against another family's frontier at the run's own rate (bits/pixel), seed by seed: the "
+             "frontier is the upper envelope of that family's runs of the same seed, interpolated linearly "
+             "between its two neighbouring runs (named). Δ = psnr − frontier, dataset-level PSNR in [0,1] "
+             "pixels; mean ± sample std and the smallest Δ over the seeds compared.", "",
+             "| run | against | seeds | bits/pixel | psnr (dB) | frontier (dB) | between | Δ per seed (dB) | Δ (dB) "
+             "| min Δ (dB) |", "|---" * 10 + "|"]
+    compared = [f for f in families if not f.startswith("vq_ema")]
+    for family in compared:
+        for against in (f for f in families if f != family and (f.startswith("vq_ema") or f == "fsq")):
+            for r in matched_rate(points, family, against):
+                per_seed = ", ".join(f"{d:+.2f}" for d in r["diffs"].values())
+                spread = "" if math.isnan(r["diff_std"]) else f" ± {r['diff_std']:.2f}"
+                lines.append(f"| {r['run']} | {against} | {len(r['diffs'])} | {r['bits_per_pixel']:.3f} | "
+                             f"{r['psnr']:.2f} | {r['frontier']:.2f} | {' – '.join(r['neighbours'])} | {per_seed} "
+                             f"| {r['diff']:+.2f}{spread} | {r['diff_min']:+.2f} |")
+    lines += ["", "Saturation: each family's best run (mean PSNR) and the lowest-rate run within 0.1 dB of it.", "",
+              "| family | best run | its bits/pixel | its psnr (dB) | within 0.1 dB from | at bits/pixel |",
+              "|---" * 6 + "|"]
+    for family in families:
+        s = saturation(points, family)
+        lines.append(f"| {family} | {s['best']} | {s['best_rate']:.3f} | {s['best_psnr']:.2f} | "
+                     f"{'still rising at the largest size' if s['rising'] else s['saturates']} | "
+                     f"{'—' if s['rising'] else format(s['saturation_rate'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def figure_rate_distortion(plt, points: list, title: str = ""):
-    """PSNR against bits per pixel: one marker per run (bars: std over seeds), a line per family."""
+    """PSNR against bits per pixel: one marker per run (bars: std over seeds), a line per family along its
+    frontier (the runs no lower-rate run of the family beats)."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = {"vq_ema": "tab:blue", "vq_ema, re-seeded": "tab:green", "ba_vq": "tab:orange",
               "ba_vq, re-seeded": "tab:red", "fsq": "tab:purple"}
     for family, color in colors.items():
-        mine = sorted((p for p in points if p["family"] == family), key=lambda p: p["bits_per_pixel"])
+        mine = [p for p in points if p["family"] == family]
         if not mine:
             continue
         x, y = [p["bits_per_pixel"] for p in mine], [p["psnr"] for p in mine]
         xerr = [0 if p["bits_per_pixel_std"] != p["bits_per_pixel_std"] else p["bits_per_pixel_std"] for p in mine]
         yerr = [0 if p["psnr_std"] != p["psnr_std"] else p["psnr_std"] for p in mine]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-", ms=4, color=color, capsize=2, label=family)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, color=color, capsize=2, label=family)
+        front = envelope(family_line(points, family))
+        ax.plot([q[0] for q in front], [q[1] for q in front], "-", color=color, lw=1.2)
     ax.set_xlabel("rate: bits per pixel (validation codes under the training marginal)")
     ax.set_ylabel("validation PSNR (dB, whole set, [0, 1] pixels)")
     ax.set_title(title, fontsize=9)

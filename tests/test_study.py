@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import types
@@ -416,13 +417,15 @@ def test_flags_beside_a_sweep_reach_the_runs_that_use_them_and_no_others(tmp_pat
         study.plan_sweep(write_sweep(tmp_path), flags={"fsq_levels": "4,4"})
 
 
+def rd_record(run, quantizer, seed, bpp, psnr, **config):
+    return {"run": run, "seed": seed, "config": {"quantizer": quantizer, **config},
+            "final": {"bits_per_pixel": bpp, "bits_per_index": bpp * 16, "psnr": psnr}}
+
+
 def test_rd_points_and_the_frontier_between_neighbouring_rates():
-    def record(run, quantizer, seed, bpp, psnr, **config):
-        return {"run": run, "seed": seed, "config": {"quantizer": quantizer, **config},
-                "final": {"bits_per_pixel": bpp, "bits_per_index": bpp * 16, "psnr": psnr}}
-    records = [record("vq_k16", "vq_ema", 1, 0.25, 20.0), record("vq_k64", "vq_ema", 1, 0.375, 21.0),
-               record("vq_k64", "vq_ema", 2, 0.375, 23.0), record("ba", "ba_vq", 1, 0.3, 22.5),
-               record("vqr", "vq_ema", 1, 0.3, 21.0, dead_code_threshold=1.0),
+    records = [rd_record("vq_k16", "vq_ema", 1, 0.25, 20.0), rd_record("vq_k64", "vq_ema", 1, 0.375, 21.0),
+               rd_record("vq_k64", "vq_ema", 2, 0.375, 23.0), rd_record("ba", "ba_vq", 1, 0.3, 22.5),
+               rd_record("vqr", "vq_ema", 1, 0.3, 21.0, dead_code_threshold=1.0),
                {"run": "old", "seed": 1, "config": {"quantizer": "vq_ema"}, "final": {"psnr": 20.0}}]
     points = {p["run"]: p for p in study.rd_points(records)}
     assert set(points) == {"vq_k16", "vq_k64", "ba", "vqr"}                # a run without rate metrics is left out
@@ -431,3 +434,42 @@ def test_rd_points_and_the_frontier_between_neighbouring_rates():
     # vq_ema at 0.3 bits/pixel: 2/5 of the way from (0.25, 20) to (0.375, 22)
     assert study.frontier_psnr(list(points.values()), "vq_ema", 0.3) == pytest.approx(20.8)
     assert study.frontier_psnr(list(points.values()), "vq_ema", 0.5) is None  # outside the measured range
+
+
+def test_the_frontier_is_the_envelope_that_no_lower_rate_run_beats():
+    line = [(0.2, 20.0, "a"), (0.3, 21.0, "b"), (0.35, 20.5, "c"), (0.4, 22.0, "d"), (0.4, 22.5, "e")]
+    assert study.envelope(line) == [(0.2, 20.0, "a"), (0.3, 21.0, "b"), (0.4, 22.5, "e")]
+    # c is beaten by b at a lower rate, so 0.35 lies between b and e: 21 + 1.5 / 2
+    assert study.frontier_at(line, 0.35) == (pytest.approx(21.75), "b", "e")
+    assert study.frontier_at(line, 0.4) == (22.5, "b", "e")
+    assert study.frontier_at(line, 0.1) is None and study.frontier_at(line, 0.41) is None
+
+
+def test_matched_rate_pairs_each_seed_with_the_frontier_of_the_same_seed():
+    records = [rd_record("k1", "vq_ema", 1, 0.2, 20.0), rd_record("k2", "vq_ema", 1, 0.4, 22.0),
+               rd_record("k1", "vq_ema", 2, 0.2, 21.0), rd_record("k2", "vq_ema", 2, 0.4, 21.0),
+               rd_record("ba", "ba_vq", 1, 0.3, 21.5), rd_record("ba", "ba_vq", 2, 0.4, 21.5),
+               rd_record("ba", "ba_vq", 3, 0.3, 30.0)]          # no vq_ema run of seed 3: not compared
+    [row] = study.matched_rate(study.rd_points(records), "ba_vq", "vq_ema")
+    # seed 1: frontier 21.0 at 0.3. Seed 2: k2 (0.4, 21) does not beat k1 (0.2, 21), so that seed's
+    # envelope ends at 0.2, the run's rate 0.4 lies outside it, and only seed 1 is compared
+    assert row["diffs"] == {1: pytest.approx(0.5)} and row["neighbours"] == ["k1", "k2"]
+    records[3] = rd_record("k2", "vq_ema", 2, 0.4, 21.2)
+    [row] = study.matched_rate(study.rd_points(records), "ba_vq", "vq_ema")
+    assert row["diffs"] == {1: pytest.approx(0.5), 2: pytest.approx(0.3)}
+    assert row["diff"] == pytest.approx(0.4) and row["diff_min"] == pytest.approx(0.3)
+    assert row["diff_std"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_saturation_names_the_first_run_within_a_tenth_of_a_decibel_of_the_best():
+    records = [rd_record(f"k{k}", "vq_ema", 1, bpp, q) for k, bpp, q in
+               [(16, 0.2, 20.0), (64, 0.3, 21.0), (256, 0.35, 21.35), (1024, 0.36, 21.4)]]
+    records += [rd_record(f"r{k}", "vq_ema", 1, bpp, q, dead_code_threshold=1.0) for k, bpp, q in
+                [(16, 0.2, 20.0), (64, 0.3, 21.0), (256, 0.4, 22.0)]]
+    points = study.rd_points(records)
+    plain = study.saturation(points, "vq_ema")
+    assert (plain["best"], plain["saturates"], plain["rising"]) == ("k1024", "k256", False)
+    assert study.saturation(points, "vq_ema, re-seeded")["rising"]
+    text = study.rd_markdown(points)
+    assert "| vq_ema | k1024 | 0.360 | 21.40 | k256 | 0.350 |" in text
+    assert study.rd_markdown([p for p in points if p["family"] == "vq_ema"]) == ""   # one family: nothing to compare
