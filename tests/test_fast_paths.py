@@ -309,10 +309,11 @@ def test_screen_applies_only_where_it_is_exact_and_pays(monkeypatch):
     assert not vqvae.screen_applies(z, torch.randn(2048, 8))          # bf16 would be slow here
     monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
     calls = []
-    monkeypatch.setattr(vqvae, "nearest_code_screened", lambda z, c: calls.append(1) or torch.zeros(len(z), dtype=torch.long))
+    monkeypatch.setattr(vqvae, "nearest_code_screened", lambda z, c, bias=None: calls.append(bias) or torch.zeros(len(z), dtype=torch.long))
     vqvae.nearest_code(z, torch.randn(2048, 8))
-    vqvae.nearest_code(z, torch.randn(2048, 8), bias=torch.zeros(2048))  # BA's prior bias: the plain pass
-    assert calls == [1]
+    vqvae.nearest_code(z, torch.randn(2048, 8), bias=torch.zeros(2048))  # BA's prior bias: screened too
+    vqvae.nearest_code(z, torch.randn(1024, 8), bias=torch.zeros(1024))
+    assert len(calls) == 2 and calls[0] is None and torch.equal(calls[1], torch.zeros(2048))
 
 
 def test_bf16_at_most_rounds_down():

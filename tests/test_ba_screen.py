@@ -1,0 +1,180 @@
+"""The screened BA E-step: an accelerator of ba_logits that computes p(k|e) over each row's candidates
+only. It must find every code that matters, drop at most BA_SCREEN_TOL of a row's mass, give the
+dense path's values and gradients to its own rounding, and step aside where the sets are large."""
+import math
+
+import pytest
+import torch
+
+import vqvae
+from conftest import tiny_config
+
+K, D, N = 2048, 16, 1500
+
+
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch):
+    """The screen runs where bf16 dot products are native; bf16 matmuls give the same values on any CPU."""
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
+
+
+def cases():
+    """(name, z, codebook, log_q): a spread codebook, one fitted by k-means to the latents it is asked
+    about, one that collapsed onto a few points (most codes indistinguishable) with a live remainder,
+    and a running prior with a fifth of the codes at the floor and a few at −inf."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(N, D, generator=g)
+    uniform = torch.full((K,), -math.log(K))
+    yield "spread", z, torch.randn(K, D, generator=g), uniform
+    fitted = vqvae.kmeans(torch.cat([z, torch.randn(K, D, generator=g)]), K, 3, g)
+    yield "kmeans", z, fitted, uniform
+    collapsed = torch.randn(K, D, generator=g)
+    collapsed[: K * 3 // 4] = torch.randn(4, D, generator=g).repeat(K * 3 // 16, 1) + 1e-4 * torch.randn(K * 3 // 4, D, generator=g)
+    yield "collapsed", z, collapsed, uniform
+    prior = torch.softmax(2 * torch.randn(K, generator=g), 0).clamp_min(vqvae.PRIOR_FLOOR)
+    prior[::5] = vqvae.PRIOR_FLOOR
+    log_q = prior.log()
+    log_q[7::101] = -math.inf  # codes an M-step left with no mass
+    yield "running prior", z, fitted, log_q
+
+
+def e_step(z, codebook, log_q, beta, hard, screen_on, dtype=torch.float32):
+    """BAEStep's outputs and the gradients of a fixed random loss of z_q and Q, as float64."""
+    z, codebook, log_q = (t.to(dtype).detach().requires_grad_() for t in (z, codebook, log_q))
+    tol = vqvae.BA_SCREEN_TOL
+    vqvae.BA_SCREEN_TOL = tol if screen_on else 0.0
+    try:
+        z_q, Q, idx, sums = vqvae.BAEStep.apply(z, codebook, log_q, beta, hard, True)
+    finally:
+        vqvae.BA_SCREEN_TOL = tol
+    g = torch.Generator().manual_seed(5)
+    w_zq, w_q = torch.randn(z_q.shape, generator=g), torch.randn(Q.shape, generator=g)
+    ((z_q * w_zq.to(dtype)).sum() + (Q * w_q.to(dtype)).sum()).backward()
+    values = {"z_q": z_q, "Q": Q, "sums": sums, "grad z": z.grad, "grad codebook": codebook.grad, "grad log Q": log_q.grad}
+    return {name: v.detach().double().nan_to_num(neginf=0.0) for name, v in values.items()}, idx
+
+
+def logits64(z, codebook, log_q, beta):
+    return vqvae.ba_logits(z.double(), codebook.double(), log_q.double(), beta)
+
+
+@pytest.mark.parametrize("beta", [10.0, 300.0])
+@pytest.mark.parametrize("case", ["spread", "kmeans", "collapsed", "running prior"])
+def test_screen_keeps_every_code_within_the_margin_and_drops_at_most_the_tolerance(case, beta):
+    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    parts = vqvae.ba_screened_logits(z, codebook, log_q, beta, codebook.pow(2).sum(1))
+    if parts is None:  # the sets were too large: nothing to check but that the dense path ran
+        assert case == "collapsed" or beta == 10.0
+        return
+    exact = logits64(z, codebook, log_q, beta)                                    # (N, K)
+    chosen = torch.zeros(N, K, dtype=torch.bool)
+    for rows, r, k, logits in parts:
+        chosen[rows][r, k] = True
+        shift = (exact[rows][r, k] - logits.double())                              # the same up to a row constant
+        assert torch.allclose(shift, (z[rows][r].double().pow(2).sum(1) * beta), rtol=1e-5), name
+    T = math.log(K / vqvae.BA_SCREEN_TOL)
+    fuzz = 1e-5 * beta * (z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1).max()).double()  # fp32 rounding
+    must = exact >= exact.max(1, keepdim=True).values - T + fuzz
+    assert chosen[must].all(), name
+    dropped = torch.softmax(exact, 1).masked_fill(chosen, 0).sum(1)
+    assert dropped.max() <= vqvae.BA_SCREEN_TOL, name
+    assert chosen.sum() < N * K * vqvae.BA_SCREEN_MAX_SHARE
+
+
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("beta", [3.0, 30.0, 300.0])
+@pytest.mark.parametrize("case", ["spread", "kmeans", "collapsed", "running prior"])
+def test_screened_e_step_matches_the_dense_one_to_its_rounding(case, beta, hard):
+    """Against float64 (dense), the screened fp32 values and gradients are as close as the dense fp32
+    ones, within the spread of rounding (five times their error, a floor of 1e-6 of each quantity's
+    scale) and what the dropped mass may move; a code the screen missed or a wrong sparse sum errs by
+    the scale itself."""
+    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    truth, idx64 = e_step(z, codebook, log_q, beta, hard, screen_on=False, dtype=torch.float64)
+    dense, idx_dense = e_step(z, codebook, log_q, beta, hard, screen_on=False)
+    screened, idx_screened = e_step(z, codebook, log_q, beta, hard, screen_on=True)
+    for key, want in truth.items():
+        scale = want.abs().max().item()
+        dropped = vqvae.BA_SCREEN_TOL * (1.0 if key == "Q" else scale)          # what the dropped mass may move
+        allowed = 5 * (dense[key] - want).abs().max().item() + dropped + 1e-6 * scale + 1e-12
+        assert (screened[key] - want).abs().max().item() <= allowed, (name, key)
+    exact = logits64(z, codebook, log_q, beta)
+    top2 = exact.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-4 * beta * D                            # no near-tie for the argmax
+    assert torch.equal(idx_screened[clear], idx64[clear]) and torch.equal(idx_dense[clear], idx64[clear])
+
+
+def test_the_screen_steps_aside_where_the_sets_are_large_or_it_is_switched_off(monkeypatch):
+    _, z, codebook, log_q = next(c for c in cases() if c[0] == "kmeans")
+    c2 = codebook.pow(2).sum(1)
+    assert vqvae.ba_screened_logits(z, codebook, log_q, 0.01, c2) is None       # early, small β: every code counts
+    assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is not None
+    assert vqvae.ba_screened_logits(z, codebook[:1024], log_q[:1024], 300.0, c2[:1024]) is None  # below SCREEN_MIN_K
+    monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 0.0)
+    assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is None
+    monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 1e-7)
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: False)
+    assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is None
+
+
+def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkeypatch):
+    """BA's M-step multiplies a code's share by its likelihood ratio: here a code at a share of e^−33
+    after one iteration (below anything the screen keeps) reaches e^−8 two iterations later, so the
+    iterations run dense and give the same prior with the screen on or off."""
+    cfg = tiny_config(tmp_path, quantizer="ba_vq", codebook_size=K, latent_dim=D, ba_iters=4, ba_prior="running")
+    quantizer = vqvae.make_quantizer(cfg)
+    _, z, codebook, log_q = next(c for c in cases() if c[0] == "running prior")
+    quantizer.prior.copy_(log_q.exp())
+    quantizer.beta = 3.0
+    after = {}
+    for iters in (2, 4):
+        quantizer.ba_iters = iters
+        after[iters] = quantizer.prior_after_iterations(z, codebook)
+    grew = (after[2] < -30) & (after[4] > -10)
+    assert grew.any()                                            # what truncating would have lost
+    assert vqvae.ba_screened_logits(z, codebook, after[2], 3.0, codebook.pow(2).sum(1)) is not None
+    monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 0.0)
+    assert torch.equal(quantizer.prior_after_iterations(z, codebook), after[4])
+
+
+def test_screened_nearest_code_with_a_bias_is_the_exact_one():
+    """BA's evaluation rule (nearest code under the bias σ·log Q/β) through the screen, floors and −inf included."""
+    for name, z, codebook, log_q in cases():
+        bias = 0.05 * log_q
+        got = vqvae.nearest_code_screened(z, codebook, bias)
+        score = 2 * z.double() @ codebook.double().t() - codebook.double().pow(2).sum(1) + bias.double()
+        top2 = score.topk(2, dim=1)
+        clear = top2.values[:, 0] - top2.values[:, 1] > 1e-5 * (z.double().pow(2).sum(1) + codebook.double().pow(2).sum(1).max())
+        assert clear.float().mean() > 0.5, name
+        assert torch.equal(got[clear], top2.indices[clear, 0]), name
+        assert torch.equal(got, vqvae.nearest_code(z, codebook, bias)), name   # nearest_code takes the screen
+
+
+def test_a_training_step_with_the_screen_matches_one_without(tmp_path, monkeypatch):
+    """A BA forward and backward at K = 2,048 (soft output, entropy term, codebook by gradient: every
+    gradient path) with the screen on and off: the same codes, and losses and gradients within 10⁻³ of
+    each one's scale (the dense path's fp32 logits, of magnitude β·‖c‖² ≈ 340 here, are rounded by
+    3·10⁻⁵, and the gradient carries a factor 2β; the float64 comparisons of the E-step above are the
+    tight ones). A code the screen missed or a wrong sparse sum would move them by their scale."""
+    cfg = tiny_config(tmp_path, quantizer="ba_vq", codebook_size=K, latent_dim=D, ba_output="soft",
+                      ba_codebook_update="grad", entropy_weight=0.1, ba_prior="running", beta_start=20.0,
+                      beta_end=20.0, beta_units="absolute", ba_iters=2)
+    torch.manual_seed(3)
+    z_e = torch.randn(8, D, 8, 8)
+    codebook = z_e.permute(0, 2, 3, 1).reshape(-1, D)[torch.randperm(512)].repeat(4, 1) + 0.3 * torch.randn(K, D)
+    runs, screened = {}, []
+    real = vqvae.ba_screened_logits
+    monkeypatch.setattr(vqvae, "ba_screened_logits", lambda *a: screened.append(real(*a)) or screened[-1])
+    for name, tol in (("screened", vqvae.BA_SCREEN_TOL), ("dense", 0.0)):
+        monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", tol)
+        quantizer = vqvae.make_quantizer(cfg).train()
+        quantizer.codebook.data.copy_(codebook)
+        x = z_e.clone().requires_grad_()
+        z_q, losses, idx = quantizer(x)
+        (z_q.pow(2).sum() + sum(losses.values())).backward()
+        runs[name] = idx, {"z_q": z_q.detach(), "grad z": x.grad, "grad codebook": quantizer.codebook.grad,
+                           **{key: value.detach().reshape(1) for key, value in losses.items()}}
+    assert screened[0] is not None and screened[1] is None        # the screen ran, then the dense path
+    assert torch.equal(runs["screened"][0], runs["dense"][0])
+    for key, want in runs["dense"][1].items():
+        assert torch.allclose(runs["screened"][1][key], want, rtol=0, atol=1e-3 * want.abs().max().item()), key
