@@ -1090,6 +1090,20 @@ def group_max_and_sum(values: torch.Tensor, group: torch.Tensor, size: int) -> t
     return top, values.new_zeros(size).index_add_(0, group, (values - top[group]).exp())
 
 
+@torch.no_grad()
+def iteration_mass(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float, c2: torch.Tensor) -> torch.Tensor:
+    """Σ_n p(k|e_n) (K,) of one E-step over z (N, D), p = softmax_k ba_logits, with one exp per logit
+    (the log-domain form takes two): e = exp(logit − the row's largest), then eᵀ·(1/Σ_k e) as one
+    matrix–vector product. A code's mass is exact to fp32 rounding unless it is below e^−87 of its
+    row's largest in every row (exp underflows), where it is 0: a share under 10⁻³⁸."""
+    mass = torch.zeros_like(log_q)
+    for rows in row_chunks(z, codebook):
+        e = ba_logits(z[rows], codebook, log_q, beta, c2)                       # (n, K)
+        e = e.sub_(e.amax(1, keepdim=True)).exp_()
+        mass.addmv_(e.t(), e.sum(1).reciprocal_())
+    return mass
+
+
 def ba_e_step(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float, hard: bool, sums: bool):
     """The last BA E-step, p(k|e_n) = softmax_k ba_logits, differentiated by autograd: z (N, D), codebook
     (K, D), log_q (K,) → z_q (N, D): Σ_k p·c_k (soft) or c_argmax with the soft gradient (hard); Q (K,);
@@ -1303,12 +1317,15 @@ class BAVQ(CodebookQuantizer):
     def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain, accumulated over row
         chunks. With grad, autograd records the iterations (gradient through every E/M step), else
-        they run without it. Never screened: each M-step multiplies a code's share by its likelihood
+        they run without it, on the fast path through iteration_mass. Never screened: each M-step multiplies a code's share by its likelihood
         ratio, so a share below the screen's tolerance can grow back (e^−33 to 3·10⁻⁴ in two
         iterations at β = 3, in a test), and dropping it would move the fixed point."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
             for _ in range(self.ba_iters - 1):
+                if self.fast_path and not torch.is_grad_enabled():
+                    log_q = ba_m_step(iteration_mass(z, codebook, log_q, self.beta, c2).log(), z.shape[0])
+                    continue
                 log_mass = torch.full_like(log_q, -math.inf)                     # log Σ_n p(k|e_n)
                 for rows in row_chunks(z, codebook):
                     log_p = torch.log_softmax(ba_logits(z[rows], codebook, log_q, self.beta, c2), 1)

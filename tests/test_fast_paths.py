@@ -98,8 +98,8 @@ def test_ba_fast_path_equals_the_definition(monkeypatch, hard, keep_p):
 
 
 def test_a_run_on_the_definition_matches_the_fast_path(tmp_path, monkeypatch):
-    """ba_fast_path: false trains through ba_e_step (an edit there takes effect) and, unedited,
-    gives the fast path's run up to float rounding."""
+    """ba_fast_path: false trains through ba_e_step and the log-domain iterations (an edit there takes
+    effect) and, unedited, gives the fast path's run up to float rounding."""
     from conftest import tiny_config
 
     calls = []
@@ -110,8 +110,10 @@ def test_a_run_on_the_definition_matches_the_fast_path(tmp_path, monkeypatch):
     assert calls == []
     plain = vqvae.train(tiny_config(tmp_path, name="plain", ba_fast_path=False, **common))
     assert len(calls) == 6
-    for key in ("psnr", "psnr_batch", "perplexity", "usage_rate"):
-        assert plain[key] == pytest.approx(fast[key], rel=1e-4), key
+    for key in ("psnr", "psnr_batch"):
+        assert plain[key] == pytest.approx(fast[key], rel=1e-5), key
+    for key in ("perplexity", "usage_rate"):  # histograms of 4,096 validation codes: one flipped by rounding moves them ~1e-3
+        assert plain[key] == pytest.approx(fast[key], rel=1e-3), key
 
 
 @pytest.mark.parametrize("keep_p", [True, False])
@@ -164,6 +166,28 @@ def test_ba_iterations_match_a_plain_loop():
     for _ in range(5):
         Q = torch.softmax(Q.log() - 0.9 * d, dim=1).mean(0)
     assert torch.allclose(q.prior_after_iterations(z, codebook).exp(), Q, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.5, 5.0, 60.0])
+def test_iterations_with_one_exp_equal_the_log_domain_ones(monkeypatch, beta):
+    """The fast path's iterations (iteration_mass: linear-domain sums, one exp per logit) give the
+    log-domain iterations' prior wherever a share is above e^−80, from a running prior with codes at
+    the floor; below, the shares are nothing in either (a code under e^−87 of every row's best gets 0)."""
+    torch.manual_seed(5)
+    cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=64, latent_dim=6, ba_iters=4, ba_prior="running"))
+    q = vqvae.make_quantizer(cfg)
+    q.beta = beta
+    q.prior.copy_(torch.softmax(3 * torch.randn(64), 0))
+    q.prior[::4] = vqvae.PRIOR_FLOOR
+    set_chunk_rows(monkeypatch, 37, 64)
+    z, codebook = torch.randn(300, 6), torch.randn(64, 6)
+    fast = q.prior_after_iterations(z, codebook)
+    q.fast_path = False
+    plain = q.prior_after_iterations(z, codebook)
+    live = plain > -80
+    assert live.sum() > 32
+    assert torch.allclose(fast[live], plain[live], atol=1e-5, rtol=1e-5)
+    assert (fast[~live] < -80).all()
 
 
 def twin_models(cfg, **fast_overrides):
