@@ -7,6 +7,9 @@ written after the original design documents (any script taking `DATA --arch --qu
     python bench/bench.py --data path/to/cifar10-jpeg --plot bench/scaling.png   # the whole matrix
     python bench/bench.py --data path/to/cifar10-jpeg --arch small --K 512 16384 --quantizer vq_ema
     python bench/bench.py --data path/to/cifar10-jpeg --seed_ref path/to/seed_ref.py   # with the reference
+    python bench/bench.py --data path/to/cifar10-jpeg --arch small --K 16384 --ba_iters 1 --beta 1 100 \
+        --set beta_units=relative ba_prior=running ba_output=hard_ste ba_codebook_update=ema \
+              entropy_weight=0 dead_code_threshold=0.03      # a run's settings, BA early and late in training
 
 Every measurement runs in a fresh subprocess, one after the other, so its peak resident memory is
 its own (read from the kernel with wait4) and no two compete for the cores. Training images/s is
@@ -51,6 +54,19 @@ def images_per_second(step, device, args, batch_size: int) -> float:
     return done * batch_size / (time.perf_counter() - t0)
 
 
+def parse_settings(pairs: list) -> dict:
+    """--set KEY=VALUE ... as config values (YAML-typed: 0.03 a float, true a bool, relative a string)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def measure_ours(args) -> dict:
     import torch
 
@@ -58,10 +74,12 @@ def measure_ours(args) -> dict:
 
     # codes seeded from encoder outputs (k-means++ without Lloyd steps, untimed), as in real runs:
     # the ±1/K uniform init makes activations tiny and, on CPU, slows the steps with denormals
+    settings = vqvae.applicable(parse_settings(args.set), args.quantizer)
+    if args.quantizer == "ba_vq":
+        settings |= {"ba_iters": args.ba_iters} | ({"beta_start": args.beta[0], "beta_end": args.beta[0]} if args.beta else {})
     cfg = vqvae.load_config(overrides=dict(
-        arch=args.arch, quantizer=args.quantizer, codebook_size=args.K, ba_iters=args.ba_iters,
-        precision=args.precision, batch_size=args.batch, device=args.device, kmeans_iters=0,
-        compile=args.compile))
+        arch=args.arch, quantizer=args.quantizer, codebook_size=args.K, precision=args.precision,
+        batch_size=args.batch, device=args.device, kmeans_iters=0, compile=args.compile) | settings)
     device = vqvae.pick_device(cfg.device)
     data = vqvae.np.load(args.data)
     x_train = vqvae.to_device_uint8(data["x_train"], device)
@@ -168,6 +186,11 @@ def parse_args():
     ap.add_argument("--K", nargs="+", type=int, default=[512, 2048, 16384, 65536])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--ba_iters", nargs="+", type=int, default=[1, 5], help="BA iterations (beyond the first, small arch only)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config values for our runs (each quantizer takes those that apply to it), "
+                         "e.g. --set beta_units=relative ba_prior=running dead_code_threshold=0.03")
+    ap.add_argument("--beta", nargs="+", type=float, default=[],
+                    help="also: our BA with β held at each value (beta_start = beta_end), one row each")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="at most this many timed steps per measurement of ours and the library")
     ap.add_argument("--seconds", type=float, default=15.0, help="stop timing ours and the library after about this long")
@@ -203,11 +226,14 @@ def plan(args, data: Path) -> list:
                 for K in args.K:
                     base = {"arch": arch, "quantizer": quantizer, "K": K, "ba_iters": ba_iters}
                     variants = [(p, False) for p in args.precision] + ([("bf16", True)] if args.compile else [])
-                    for precision, compiled in variants:
+                    betas = args.beta if quantizer == "ba_vq" and args.beta else [None]
+                    for (precision, compiled), beta in ((v, b) for v in variants for b in betas):
                         cmd = [sys.executable, __file__, "--worker", "ours", "--arch", arch, "--quantizer", quantizer,
                                "--K", str(K), "--ba_iters", str(ba_iters), "--precision", precision,
                                "--steps", str(args.steps)] + common + (["--compile"] if compiled else [])
-                        out.append((base | {"impl": "ours", "precision": precision + ("+compile" if compiled else "")}, cmd, None))
+                        cmd += (["--set", *args.set] if args.set else []) + (["--beta", str(beta)] if beta else [])
+                        row = base | {"impl": "ours", "precision": precision + ("+compile" if compiled else "")}
+                        out.append((row | ({"beta": beta} if beta else {}), cmd, None))
                     if args.seed_ref:
                         row = base | {"impl": "seed_ref", "precision": "fp32"}
                         if args.device != "cpu":
@@ -276,7 +302,7 @@ def main():
         os.unlink(tmp.name)
 
 
-HEADER = f"{'arch':7} {'quantizer':9} {'iters':>5} {'K':>6} {'impl':9} {'precision':13} {'img/s':>8} {'peak GiB':>9} {'eval/epoch':>10}"
+HEADER = f"{'arch':7} {'quantizer':9} {'iters':>5} {'K':>6} {'impl':11} {'precision':13} {'img/s':>8} {'peak GiB':>9} {'eval/epoch':>10}"
 
 
 def combine(results: list) -> dict:
@@ -295,8 +321,13 @@ def combine(results: list) -> dict:
     return out
 
 
+def trainer(r) -> str:
+    """The trainer of a row, with the β it was held at when --beta gave one."""
+    return r["impl"] + (f" β={r['beta']:g}" if "beta" in r else "")
+
+
 def format_row(r) -> str:
-    head = f"{r['arch']:7} {r['quantizer']:9} {r['ba_iters']:>5} {r['K']:>6} {r['impl']:9} {r['precision']:13}"
+    head = f"{r['arch']:7} {r['quantizer']:9} {r['ba_iters']:>5} {r['K']:>6} {trainer(r):11} {r['precision']:13}"
     if "skipped" in r:
         return f"{head} skipped: {r['skipped']}"
     ratio = f"{r['eval_over_epoch']:>10.3f}" if "eval_over_epoch" in r else f"{'':>10}"
@@ -317,7 +348,8 @@ def compute_ratios(rows) -> list:
     for r in done:
         if r["impl"] != "ours":
             continue
-        name = f"{r['arch']} {r['quantizer']} iters={r['ba_iters']} K={r['K']} {r['precision']}"
+        name = f"{r['arch']} {r['quantizer']} iters={r['ba_iters']} K={r['K']} {r['precision']}" + (
+            f" β={r['beta']:g}" if "beta" in r else "")
         if key(r) in seed:
             s = seed[key(r)]
             out.append({"what": f"{name} speed ours/seed_ref", "ratio": r["train_images_per_s"] / s["train_images_per_s"]})
@@ -336,7 +368,7 @@ def markdown_report(result: dict) -> str:
     lines = ["| arch | quantizer | ba_iters | K | trainer | precision | images/s | peak RSS GiB | eval / epoch |",
              "|---|---|---:|---:|---|---|---:|---:|---:|"]
     for r in result["rows"]:
-        head = f"| {r['arch']} | {r['quantizer']} | {r['ba_iters']} | {r['K']} | {r['impl']} | {r['precision']} |"
+        head = f"| {r['arch']} | {r['quantizer']} | {r['ba_iters']} | {r['K']} | {trainer(r)} | {r['precision']} |"
         if "skipped" in r:
             lines.append(f"{head} skipped: {r['skipped']} | | |")
         else:

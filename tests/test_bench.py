@@ -67,6 +67,27 @@ def test_a_tiny_benchmark_runs_end_to_end(tmp_path):
     assert "| small | vq_ema | 1 | 64 | ours | fp32 |" in bench.markdown_report(result)
 
 
+def test_settings_reach_the_quantizers_they_apply_to_and_beta_makes_a_row_each(tmp_path):
+    assert bench.parse_settings(["dead_code_threshold=0.03", "ba_prior=running", "ba_fast_path=false"]) == {
+        "dead_code_threshold": 0.03, "ba_prior": "running", "ba_fast_path": False}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.parse_settings(["ba_prior"])
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=vqvae.make_synthetic(256, seed=0), x_test=vqvae.make_synthetic(64, seed=1))
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), "--data", str(data), "--arch", "small", "--K", "64",
+           "--precision", "fp32", "--ba_iters", "1", "--batch", "4", "--steps", "2", "--warmup", "1", "--eval_K", "0",
+           "--no_library", "--out", str(out), "--beta", "1", "100", "--set", "beta_units=relative",
+           "ba_prior=running", "ba_codebook_update=ema", "entropy_weight=0", "dead_code_threshold=0.5"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)  # vq_ema takes only the threshold
+    result = json.loads(out.read_text())
+    assert [(r["quantizer"], r.get("beta")) for r in result["rows"]] == [("vq_ema", None), ("ba_vq", 1.0), ("ba_vq", 100.0)]
+    whats = {r["what"] for r in result["ratios"]}
+    assert {"small ba_vq iters=1 K=64 fp32 β=1 step time ba_vq/vq_ema",
+            "small ba_vq iters=1 K=64 fp32 β=100 step time ba_vq/vq_ema"} <= whats
+    assert "| small | ba_vq | 1 | 64 | ours β=100 | fp32 |" in bench.markdown_report(result)
+
+
 wp_spec = importlib.util.spec_from_file_location("whole_process", ROOT / "bench" / "whole_process.py")
 whole_process = importlib.util.module_from_spec(wp_spec)
 wp_spec.loader.exec_module(whole_process)
