@@ -1169,6 +1169,7 @@ class BAEStep(torch.autograd.Function):
             z_q = codebook.index_select(0, idx)
         ctx.save_for_backward(z, codebook, log_q, *kept)
         ctx.beta = beta
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(idx, soft_sums)
         if sums:
             all_reduce_(soft_sums)
@@ -1176,27 +1177,33 @@ class BAEStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_zq, g_Q, _idx, _sums):
+        # a gradient that is None (set_materialize_grads(False)) is zero: its matmuls are skipped, e.g.
+        # g_zq with the straight-through output and an EMA codebook, g_Q without the entropy term
         z, codebook, log_q, *kept = ctx.saved_tensors
         beta, N = ctx.beta, z.shape[0]
         c2 = codebook.pow(2).sum(1)
         g_z, g_c, g_logit_sum = torch.empty_like(z), torch.zeros_like(codebook), torch.zeros_like(c2)
+        g_q = torch.zeros_like(c2) if g_Q is None else g_Q / N
         for rows, r, k, p, win in ctx.parts or []:                             # the same sums over candidates
-            n, c_k, g_r = rows.stop - rows.start, codebook[k], g_zq[rows][r]
-            a = (g_r * c_k).sum(1) + g_Q[k] / N
+            n, c_k = rows.stop - rows.start, codebook[k]
+            a = g_q[k] if g_zq is None else (g_zq[rows][r] * c_k).sum(1) + g_q[k]
             a -= a.new_zeros(n).index_put_((r[win],), a[win])[r]  # from the row's likeliest code's: a − Σp·a exact
             G = p * (a - a.new_zeros(n).index_add_(0, r, p * a)[r])
             g_z[rows] = g_z.new_zeros(n, z.shape[1]).index_add_(0, r, G[:, None] * c_k)
-            g_c.index_add_(0, k, p[:, None] * g_r + 2 * beta * G[:, None] * z[rows][r])
+            g_c.index_add_(0, k, 2 * beta * G[:, None] * z[rows][r] + (0 if g_zq is None else p[:, None] * g_zq[rows][r]))
             g_logit_sum.index_add_(0, k, G)
         for i, rows in enumerate(row_chunks(z, codebook) if ctx.parts is None else []):
-            z_c, g_c_rows = z[rows], g_zq[rows]
+            z_c = z[rows]
             if kept:
                 p = kept[i]
             else:
                 p = torch.softmax(ba_logits(z_c, codebook, log_q, beta, c2), dim=1)  # (n, K), recomputed
-            g_c.addmm_(p.t(), g_c_rows)                                            # from z_q_soft = p @ C
-            a = torch.addmm(g_Q / N, g_c_rows, codebook.t())                       # dL/dp (n, K)
-            G = a.sub_(torch.linalg.vecdot(p, a).unsqueeze(1)).mul_(p)             # dL/dlogits, in a's memory
+            if g_zq is None:
+                G = p * (g_q - (p @ g_q).unsqueeze(1))                            # dL/dlogits with dL/dp = g_Q/N
+            else:
+                g_c.addmm_(p.t(), g_zq[rows])                                      # from z_q_soft = p @ C
+                a = torch.addmm(g_q, g_zq[rows], codebook.t())                     # dL/dp (n, K)
+                G = a.sub_(torch.linalg.vecdot(p, a).unsqueeze(1)).mul_(p)         # dL/dlogits, in a's memory
             torch.mm(G, codebook, out=g_z[rows])
             g_c.addmm_(G.t(), z_c, alpha=2 * beta)
             g_logit_sum += G.sum(0)
@@ -1376,7 +1383,7 @@ class BAVQ(CodebookQuantizer):
             mass = Q.detach() * (z.shape[0] * world()[1])                       # (K,) global soft counts
             if self.ema:
                 self.ema_update(mass, sums, z.detach())
-            else:
+            elif self.codebook_weight > 0:  # at 0, codes move by the entropy term alone, and z_q gets no gradient
                 losses["codebook"] = self.codebook_weight * F.mse_loss(z.detach(), z_q)
             if self.centroid_ema:  # on top of the gradient: a direct step toward each code's soft centroid
                 with torch.no_grad():

@@ -49,6 +49,30 @@ def test_ba_e_step_chunked_equals_plain_autograd(monkeypatch, chunk_rows, keep_p
     assert torch.allclose(codebook.grad, ref_grads[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("keep_p", [True, False])
+@pytest.mark.parametrize("used", ["z_q", "Q"])
+def test_ba_e_step_with_one_output_unused_equals_plain_autograd(monkeypatch, used, keep_p):
+    """With only z_q or only Q reaching the loss (the other's gradient None, its matmuls skipped) the
+    gradients are still those of plain autograd."""
+    torch.manual_seed(2)
+    N, D, K, beta = 40, 5, 11, 1.3
+    set_chunk_rows(monkeypatch, 7, K)
+    monkeypatch.setattr(vqvae, "KEEP_ELEMENTS", N * K if keep_p else N * K - 1)
+    z = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(K, D, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(K, dtype=torch.float64), 0).requires_grad_()
+    weights = torch.randn(N, D, dtype=torch.float64) if used == "z_q" else torch.randn(K, dtype=torch.float64)
+    grads = []
+    for e_step in (lambda: reference_e_step(z, codebook, log_q, beta, False),
+                   lambda: vqvae.BAEStep.apply(z, codebook, log_q, beta, False, True)):
+        z_q, Q = e_step()[:2]
+        ((z_q if used == "z_q" else Q) * weights).sum().backward()
+        grads.append([t.grad.clone() for t in (z, codebook, log_q)])
+        z.grad = codebook.grad = log_q.grad = None
+    for want, got in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
 @pytest.mark.parametrize("hard", [True, False])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 10_000])
 def test_ba_e_step_definition_equals_whole_matrix_autograd(monkeypatch, chunk_rows, hard):
