@@ -125,9 +125,10 @@ def test_the_screen_steps_aside_where_the_sets_are_large_or_it_is_switched_off(m
 
 
 def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkeypatch):
-    """BA's M-step multiplies a code's share by its likelihood ratio: here a code at a share of e^−33
-    after one iteration (below anything the screen keeps) reaches e^−8 two iterations later, so the
-    iterations run dense and give the same prior with the screen on or off."""
+    """BA's M-step multiplies a code's share by its likelihood ratio: here a code that the screen
+    would drop from the first iteration (its share at the floor) is at e^−30 or less after it and
+    above e^−10 two iterations later, so the iterations run dense and give the same prior with the
+    screen on or off."""
     cfg = tiny_config(tmp_path, quantizer="ba_vq", codebook_size=K, latent_dim=D, ba_iters=4, ba_prior="running")
     quantizer = vqvae.make_quantizer(cfg)
     _, z, codebook, log_q = next(c for c in cases() if c[0] == "running prior")
@@ -138,8 +139,11 @@ def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkey
         quantizer.ba_iters = iters
         after[iters] = quantizer.prior_after_iterations(z, codebook)
     grew = (after[2] < -30) & (after[4] > -10)
-    assert grew.any()                                            # what truncating would have lost
-    assert vqvae.ba_screened_logits(z, codebook, after[2], 3.0, codebook.pow(2).sum(1)) is not None
+    monkeypatch.setattr(vqvae, "BA_SCREEN_MAX_SHARE", 1.0)
+    parts = vqvae.ba_screened_logits(z, codebook, quantizer.log_prior(), 3.0, codebook.pow(2).sum(1))
+    kept = torch.zeros(K, dtype=torch.bool)
+    kept[torch.cat([part[2] for part in parts])] = True
+    assert (grew & ~kept).any()                      # a screened first iteration would have dropped it
     monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 0.0)
     assert torch.equal(quantizer.prior_after_iterations(z, codebook), after[4])
 
