@@ -21,6 +21,7 @@ STUDIES = {  # study: (run, quantizer, K)
     "ba_study": [("ba_iters5", "ba_vq", 8)],
     "ba_collapse": [(run, "ba_vq", 8) for run in study.COLLAPSE_RUNS],
     "ba_collapse_200": [("published", "ba_vq", 8)],
+    "rate_distortion": [("vq_k8", "vq_ema", 8), ("vq_k32", "vq_ema", 32), ("ba_b30", "ba_vq", 32), ("ba_b100", "ba_vq", 32)],
 }
 
 
@@ -34,7 +35,8 @@ def fake_run(run_dir, quantizer: str, k: int, seed: int, rng) -> None:
     rows += [{"split": "val", "step": 20 * (e + 1), "epoch": e, "psnr": 20 + e + rng.random()} for e in range(2)]
     (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     final = {"psnr": 21 + rng.random(), "perplexity": k * rng.random(), "usage_rate": rng.random(),
-             "psnr_batch": 21 + rng.random(), "perplexity_batch": k * rng.random(), "usage_batch": rng.random()}
+             "psnr_batch": 21 + rng.random(), "perplexity_batch": k * rng.random(), "usage_batch": rng.random(),
+             "bits_per_index": np.log2(k) * rng.random(), "bits_per_pixel": np.log2(k) * rng.random() / 16}
     (run_dir / "final_metrics.json").write_text(json.dumps(final))
     (run_dir / "code_counts.json").write_text(json.dumps({"split": "val", "counts": rng.integers(0, 9, k).tolist()}))
     Image.fromarray(rng.integers(0, 255, (70, 274, 3), dtype=np.uint8)).save(run_dir / "recon.png")
@@ -54,7 +56,7 @@ def results(tmp_path):
 @pytest.mark.slow
 def test_make_figures_writes_every_figure(results, tmp_path):
     paths = study.make_figures(results, tmp_path / "figures")
-    assert len(paths) >= 5
+    assert len(paths) == 8 and paths[-1].name == "rate_distortion.png"
     for path in paths:
         assert path.suffix == ".png" and path.stat().st_size > 1000
         assert Image.open(path).size[0] > 300
