@@ -8,6 +8,8 @@ the rounds are interleaved so that a slow spell of a shared machine hits both.
 
     python bench/whole_process.py --data /path/to/cifar10-jpeg --seed_ref path/to/seed_ref.py \\
         --case vq_ema:16384 --case ba_vq:512:1 --rounds 2 --out bench/whole_process.json
+    python bench/whole_process.py --data /path/to/cifar10-jpeg --seed_ref path/to/seed_ref.py \\
+        --case ba_vq:512:1 --steps 30 230 --rounds 3 --out bench/whole_process-steps.json   # per step
 
 A case is QUANTIZER:K[:BA_ITERS] (ba_iters 1 unless given). The reference is any script taking
 `DATA --arch --quantizer --K --ba_iters --epochs` that trains and validates once (the seed design's
@@ -69,27 +71,52 @@ def timed_process(cmd: list, timeout: float) -> dict:
     return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss * 1024 / GIB}  # ru_maxrss: KiB on Linux
 
 
-def ours_cmd(case: dict, args, out_dir: Path, name: str) -> list:
+def ours_cmd(case: dict, args, out_dir: Path, name: str, steps: int = 0) -> list:
+    """train.py for the case: --epochs, or with steps > 0 that many steps (--max_steps); --set values
+    that apply to the case's quantizer become flags."""
+    import vqvae
+
+    length = ["--max_steps", str(steps)] if steps else ["--epochs", str(args.epochs)]
+    settings = vqvae.applicable(dict(pair.split("=", 1) for pair in args.set), case["quantizer"])
+    flags = [text for key, value in settings.items() for text in (f"--{key}", value)]
     return [sys.executable, str(ROOT / "train.py"), "--dataset", "folder", "--data_dir", str(args.data),
             "--arch", args.arch, "--quantizer", case["quantizer"], "--codebook_size", str(case["K"]),
-            "--ba_iters", str(case["ba_iters"]), "--epochs", str(args.epochs), "--batch_size", str(args.batch),
-            "--no_wandb", "--out_dir", str(out_dir), "--name", name]
+            *(["--ba_iters", str(case["ba_iters"])] if case["quantizer"] == "ba_vq" else []), *length,
+            "--batch_size", str(args.batch), "--no_wandb", "--out_dir", str(out_dir), "--name", name, *flags]
 
 
-def reference_cmd(case: dict, args) -> list:
+def reference_cmd(case: dict, args, steps: int = 0) -> list:
+    """The reference for the case: --epochs, or with steps > 0 its throughput mode (5 warm-up steps, then steps)."""
+    length = ["--steps", str(steps)] if steps else ["--epochs", str(args.epochs)]
     return [sys.executable, str(args.seed_ref), str(args.data), "--arch", args.arch, "--quantizer", case["quantizer"],
-            "--K", str(case["K"]), "--ba_iters", str(case["ba_iters"]), "--epochs", str(args.epochs),
-            "--batch", str(args.batch)]
+            "--K", str(case["K"]), "--ba_iters", str(case["ba_iters"]), *length, "--batch", str(args.batch)]
 
 
-def measure_ours(case: dict, args, out_dir: Path, name: str) -> dict:
-    result = timed_process(ours_cmd(case, args, out_dir, name), args.timeout)
+def measure_ours(case: dict, args, out_dir: Path, name: str, steps: int = 0) -> dict:
+    result = timed_process(ours_cmd(case, args, out_dir, name, steps), args.timeout)
     if "failed" not in result:
         final = json.loads((out_dir / name / "final_metrics.json").read_text())
         result["seconds"] = final["seconds"]
         result["seconds"]["outside_train"] = result["wall_s"] - sum(final["seconds"].values())
         result["train_images_per_s"] = final["train_images_per_s"]
     return result
+
+
+def per_step(rounds: list, lengths: tuple) -> list:
+    """With two run lengths (steps) per case, trainer and round: the seconds per step as the difference
+    of their wall times over the difference of their lengths (start-up, data, seeding, validation and
+    result files cancel). One record per case, trainer and round, shaped like a round."""
+    short, long = lengths
+    out = []
+    for r in rounds:
+        if r.get("steps") != long or "failed" in r:
+            continue
+        mate = next((q for q in rounds if q.get("steps") == short and q["round"] == r["round"]
+                     and q["case"] == r["case"] and q["impl"] == r["impl"] and "failed" not in q), None)
+        if mate:
+            out.append({"round": r["round"], "case": r["case"], "impl": r["impl"],
+                        "wall_s": (r["wall_s"] - mate["wall_s"]) / (long - short)})
+    return out
 
 
 def summarize(rounds: list) -> list:
@@ -104,7 +131,7 @@ def summarize(rounds: list) -> list:
             ratios = [by_round[r["round"]] / r["wall_s"] for r in ours if r["round"] in by_round]
             row |= {"seed_ref_wall_s": statistics.median(by_round.values()), "ratios": ratios,
                     "ratio": statistics.median(ratios) if ratios else None}
-        if ours:
+        if ours and "seconds" in ours[0]:
             row["ours_seconds"] = {k: statistics.median(r["seconds"][k] for r in ours) for k in ours[0]["seconds"]}
         rows.append(row)
     return rows
@@ -130,6 +157,10 @@ def main():
     ap.add_argument("--case", action="append", type=parse_case, help="QUANTIZER:K[:BA_ITERS], repeatable")
     ap.add_argument("--arch", default="small")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--steps", type=int, nargs=2, metavar=("SHORT", "LONG"),
+                    help="instead of epochs: each case at two lengths, and the seconds per step from the difference")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config values for ours (each quantizer takes those that apply to it)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600)
@@ -152,14 +183,15 @@ def main():
             for case in cases:
                 label = f"{case['quantizer']} K={case['K']}" + (f" ba_iters={case['ba_iters']}" if case["quantizer"] == "ba_vq" else "")
                 name = f"{case['quantizer']}_K{case['K']}_i{case['ba_iters']}_r{i}"
-                jobs = [("ours", lambda: measure_ours(case, args, Path(out_dir), name))]
-                if args.seed_ref:
-                    jobs.append(("seed_ref", lambda: timed_process(reference_cmd(case, args), args.timeout)))
-                for impl, job in jobs:
-                    rounds.append({"round": i, "case": label, "impl": impl} | job())
-                    print(json.dumps(rounds[-1]), flush=True)
-    rows = summarize(rounds)
-    print("\n" + markdown(rows))
+                for steps in args.steps or [0]:
+                    jobs = [("ours", lambda: measure_ours(case, args, Path(out_dir), f"{name}_s{steps}", steps))]
+                    if args.seed_ref:
+                        jobs.append(("seed_ref", lambda: timed_process(reference_cmd(case, args, steps), args.timeout)))
+                    for impl, job in jobs:
+                        rounds.append({"round": i, "case": label, "impl": impl} | ({"steps": steps} if steps else {}) | job())
+                        print(json.dumps(rounds[-1]), flush=True)
+    rows = summarize(per_step(rounds, args.steps) if args.steps else rounds)
+    print(("\nseconds per step (wall-time difference of the two lengths):\n" if args.steps else "\n") + markdown(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                     "rounds": rounds, "rows": rows}, indent=1) + "\n")

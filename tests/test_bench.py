@@ -105,6 +105,32 @@ def test_whole_process_ratios_are_taken_round_by_round():
     assert "| c | 70.0 | 15.0 | 5.00 (6.00, 4.00) | 12.0 |" in whole_process.markdown([row])
 
 
+def test_per_step_seconds_are_the_difference_of_two_lengths():
+    rounds = [{"round": 0, "case": "c", "impl": "ours", "steps": 30, "wall_s": 40.0},
+              {"round": 0, "case": "c", "impl": "ours", "steps": 230, "wall_s": 60.0},
+              {"round": 0, "case": "c", "impl": "seed_ref", "steps": 30, "wall_s": 50.0},
+              {"round": 0, "case": "c", "impl": "seed_ref", "steps": 230, "wall_s": 90.0},
+              {"round": 1, "case": "c", "impl": "ours", "steps": 30, "failed": "x"},
+              {"round": 1, "case": "c", "impl": "ours", "steps": 230, "wall_s": 70.0}]
+    steps = whole_process.per_step(rounds, (30, 230))
+    assert steps == [{"round": 0, "case": "c", "impl": "ours", "wall_s": 0.1},
+                     {"round": 0, "case": "c", "impl": "seed_ref", "wall_s": 0.2}]
+    (row,) = whole_process.summarize(steps)
+    assert row["ratio"] == pytest.approx(2.0)
+
+
+def test_whole_process_flags_for_ours_follow_the_case():
+    args = type("Args", (), {"data": Path("d"), "arch": "small", "epochs": 1, "batch": 128, "seed_ref": Path("r"),
+                             "set": ["ba_output=hard_ste", "codebook_weight=0", "dead_code_threshold=0.5"]})()
+    ba = whole_process.ours_cmd({"quantizer": "ba_vq", "K": 512, "ba_iters": 1}, args, Path("o"), "n", steps=30)
+    vq = whole_process.ours_cmd({"quantizer": "vq_ema", "K": 512, "ba_iters": 1}, args, Path("o"), "n")
+    assert ba[ba.index("--max_steps") + 1] == "30" and "--epochs" not in ba
+    assert ba[ba.index("--ba_output") + 1] == "hard_ste" and ba[ba.index("--codebook_weight") + 1] == "0"
+    assert "--ba_output" not in vq and "--ba_iters" not in vq and vq[vq.index("--dead_code_threshold") + 1] == "0.5"
+    assert whole_process.reference_cmd({"quantizer": "ba_vq", "K": 512, "ba_iters": 1}, args, 30)[-4:] == [
+        "--steps", "30", "--batch", "128"]
+
+
 def test_whole_process_benchmark_runs_end_to_end(tmp_path):
     from test_data import write_image
 
