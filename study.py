@@ -398,8 +398,9 @@ def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
     distance of a latent to its nearest code (d1), the median gap to the second nearest (d2 − d1),
     β times that gap (over σ with relative or critical β units), the latents' critical β
     (critical_beta: absolute units), and (BA with a running prior) the 10th, 50th and 90th
-    percentile of log π over codes. Where β·(d2 − d1) is small next to the spread of log π, the
-    prior, not the distance, picks a latent's code."""
+    percentile of log π over codes and the share of latents whose code the prior moves off the
+    nearest one (prior_moves). Where β·(d2 − d1) is small next to the spread of log π, the prior,
+    not the distance, picks a latent's code; where prior_moves is near 0 the rate term does nothing."""
     model, cfg, test = saved_run(run_dir, data_dir)
     x = model_input(test, n_images, cfg.pixel_range)
     with torch.no_grad():
@@ -413,6 +414,9 @@ def distance_scale(run_dir, n_images: int = 1000, data_dir=None) -> dict:
         if cfg.ba_prior == "running":
             log_pi = model.quantizer.log_prior()
             out["log_pi_percentiles"] = torch.quantile(log_pi, torch.tensor([0.1, 0.5, 0.9])).tolist()
+            with torch.no_grad():
+                codes = model.quantizer.hard_codes(z, model.quantizer.distance_unit(z, model.quantizer.codebook), log_pi)
+            out["prior_moves"] = (codes != vqvae.nearest_code(z, model.quantizer.codebook)).float().mean().item()
     return out
 
 

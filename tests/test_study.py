@@ -255,7 +255,19 @@ def test_distance_scale_reports_the_nearest_code_distances(tmp_path):
     assert scale["beta_gap"] == pytest.approx(final(tmp_path / "exp" / "mini" / "ba")["beta"] * scale["gap"])
     low, mid, high = scale["log_pi_percentiles"]
     assert low <= mid <= high <= 0                                  # log of probabilities
+    assert 0 <= scale["prior_moves"] <= 1
     assert "beta_gap" not in study.distance_scale(tmp_path / "exp" / "mini" / "vq", n_images=8)
+    # a prior with all its mass on code 0 moves every latent there that was not already nearest to it
+    path = tmp_path / "exp" / "mini" / "ba" / "final_model.pt"
+    state = torch.load(path, weights_only=True)
+    prior = state["model"]["quantizer.prior"]
+    state["model"]["quantizer.prior"] = torch.cat([torch.ones(1), torch.zeros(len(prior) - 1)])
+    torch.save(state, path)
+    model, cfg, test = study.saved_run(path.parent)
+    with torch.no_grad():
+        z = vqvae.flatten_latents(model.encode(study.model_input(test, 8, cfg.pixel_range))).float()
+    not_zero = (vqvae.nearest_code(z, model.quantizer.codebook) != 0).float().mean().item()
+    assert study.distance_scale(path.parent, n_images=8)["prior_moves"] == pytest.approx(not_zero)
 
 
 def test_a_run_saved_before_a_key_existed_still_counts_as_that_run(tmp_path, monkeypatch):
