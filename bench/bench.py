@@ -257,6 +257,10 @@ def main():
         print(markdown_report(json.loads(Path(args.report).read_text())))
         return
     if args.worker:  # one measurement, inside a child process
+        if args.worker == "ours":
+            import torch
+
+            torch.set_flush_denormal(True)  # as train.py runs, before any thread pool starts
         one = {"ours": measure_ours, "library": measure_library}[args.worker]
         args.arch, args.quantizer, args.K = args.arch[0], args.quantizer[0], args.K[0]
         args.precision, args.ba_iters = args.precision[0], args.ba_iters[0]
