@@ -1096,15 +1096,12 @@ def group_max_and_sum(values: torch.Tensor, group: torch.Tensor, size: int) -> t
 
 @torch.no_grad()
 def iteration_mass(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta: float, c2: torch.Tensor) -> torch.Tensor:
-    """Σ_n p(k|e_n) (K,) of one E-step over z (N, D), p = softmax_k ba_logits, with one exp per logit
-    (the log-domain form takes two): e = exp(logit − the row's largest), then eᵀ·(1/Σ_k e) as one
-    matrix–vector product. A code's mass is exact to fp32 rounding unless it is below e^−87 of its
-    row's largest in every row (exp underflows), where it is 0: a share under 10⁻³⁸."""
+    """Σ_n p(k|e_n) (K,) of one E-step over z (N, D), p = softmax_k ba_logits, summed in the linear
+    domain: one exp per logit (the log-domain form takes two). A code's mass is exact to fp32
+    rounding unless its p underflows in every row (below 10⁻³⁸ of the row's largest), where it is 0."""
     mass = torch.zeros_like(log_q)
     for rows in row_chunks(z, codebook):
-        e = ba_logits(z[rows], codebook, log_q, beta, c2)                       # (n, K)
-        e = e.sub_(e.amax(1, keepdim=True)).exp_()
-        mass.addmv_(e.t(), e.sum(1).reciprocal_())
+        mass += torch.softmax(ba_logits(z[rows], codebook, log_q, beta, c2), 1).sum(0)
     return mass
 
 

@@ -196,7 +196,7 @@ def test_ba_iterations_match_a_plain_loop():
 def test_iterations_with_one_exp_equal_the_log_domain_ones(monkeypatch, beta):
     """The fast path's iterations (iteration_mass: linear-domain sums, one exp per logit) give the
     log-domain iterations' prior wherever a share is above e^−80, from a running prior with codes at
-    the floor; below, the shares are nothing in either (a code under e^−87 of every row's best gets 0)."""
+    the floor; below, the shares are nothing in either (a code whose p underflows in every row gets 0)."""
     torch.manual_seed(5)
     cfg = vqvae.load_config(overrides=dict(quantizer="ba_vq", codebook_size=64, latent_dim=6, ba_iters=4, ba_prior="running"))
     q = vqvae.make_quantizer(cfg)
