@@ -735,9 +735,11 @@ KEEP_ELEMENTS = 2**24
 
 
 def row_chunks(z: torch.Tensor, codebook: torch.Tensor):
-    """Row slices of z (N, D) for work against codebook (K, D): the unit of all N×K work."""
+    """Row slices of z (N, D) for work against codebook (K, D): the unit of all N×K work. Chunks grow
+    with D beyond 64: sums into a (K, D) result (BA's codebook gradient and soft sums) stream it once a
+    chunk, and at D = 256, K = 16,384 fewer, larger chunks made a resnet BA step 12% faster."""
     budget = CHUNK_ELEMENTS if z.device.type == "cpu" else GPU_CHUNK_ELEMENTS
-    rows = max(MIN_CHUNK_ROWS, budget // codebook.shape[0])
+    rows = max(MIN_CHUNK_ROWS, budget * max(1, codebook.shape[1] // 64) // codebook.shape[0])
     return [slice(start, start + rows) for start in range(0, z.shape[0], rows)]
 
 

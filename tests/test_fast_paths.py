@@ -214,6 +214,15 @@ def test_iterations_with_one_exp_equal_the_log_domain_ones(monkeypatch, beta):
     assert (fast[~live] < -80).all()
 
 
+def test_row_chunks_cover_every_row_once_and_grow_with_the_code_dimension():
+    z64, z256 = torch.zeros(5000, 64), torch.zeros(5000, 256)
+    for z in (z64, z256):
+        chunks = vqvae.row_chunks(z, torch.zeros(16384, z.shape[1]))
+        assert torch.equal(torch.cat([torch.arange(5000)[c] for c in chunks]), torch.arange(5000))
+    size = lambda z: vqvae.row_chunks(z, torch.zeros(16384, z.shape[1]))[0].stop  # noqa: E731
+    assert size(z256) == 4 * size(z64) == 4 * vqvae.CHUNK_ELEMENTS // 16384
+
+
 def twin_models(cfg, **fast_overrides):
     """The model as configured and a copy with the fast path turned on, with the same weights."""
     plain = vqvae.build_model(cfg, torch.device("cpu"))
