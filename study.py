@@ -903,7 +903,7 @@ def matched_rate(points: list, family: str, against: str) -> list[dict]:
     """Each run of `family` against the frontier of `against` at the run's own rate, seed by seed: the
     difference psnr − frontier for every seed the run has, where `against`'s frontier of the same seed
     covers that rate. One row per run with at least one such seed: the seeds' differences, their mean,
-    sample std and minimum, and the neighbouring runs the frontier was interpolated between."""
+    sample std and minimum, and the runs the frontier was interpolated between in any seed (by rate)."""
     rows = []
     for p in (q for q in points if q["family"] == family):
         diffs, neighbours, fronts = {}, {}, []
@@ -915,8 +915,10 @@ def matched_rate(points: list, family: str, against: str) -> list[dict]:
                 neighbours.update(dict.fromkeys(found[1:]))  # in order of rate
         if diffs:
             mean, std = mean_std(list(diffs.values()))
+            rate = {q["run"]: q["bits_per_pixel"] for q in points if q["family"] == against}
             rows.append({"run": p["run"], "family": family, "against": against, "bits_per_pixel": p["bits_per_pixel"],
-                         "psnr": p["psnr"], "frontier": sum(fronts) / len(fronts), "neighbours": list(neighbours),
+                         "psnr": p["psnr"], "frontier": sum(fronts) / len(fronts),
+                         "neighbours": sorted(neighbours, key=rate.get),
                          "diffs": diffs, "diff": mean, "diff_std": std, "diff_min": min(diffs.values())})
     return rows
 
@@ -940,7 +942,8 @@ def rd_markdown(points: list) -> str:
     lines = ["", "## Rate and distortion", "",
              "Each run against another family's frontier at the run's own rate (bits/pixel), seed by seed: the "
              "frontier is the upper envelope of that family's runs of the same seed, interpolated linearly "
-             "between its two neighbouring runs (named). Δ = psnr − frontier, dataset-level PSNR in [0,1] "
+             "between its two neighbouring runs (named; seeds may fall between different pairs). Δ = psnr − "
+             "frontier, dataset-level PSNR in [0,1] "
              "pixels; mean ± sample std and the smallest Δ over the seeds compared.", "",
              "| run | against | seeds | bits/pixel | psnr (dB) | frontier (dB) | between | Δ per seed (dB) | Δ (dB) "
              "| min Δ (dB) |", "|---" * 10 + "|"]
@@ -951,7 +954,7 @@ def rd_markdown(points: list) -> str:
                 per_seed = ", ".join(f"{d:+.2f}" for d in r["diffs"].values())
                 spread = "" if math.isnan(r["diff_std"]) else f" ± {r['diff_std']:.2f}"
                 lines.append(f"| {r['run']} | {against} | {len(r['diffs'])} | {r['bits_per_pixel']:.3f} | "
-                             f"{r['psnr']:.2f} | {r['frontier']:.2f} | {' – '.join(r['neighbours'])} | {per_seed} "
+                             f"{r['psnr']:.2f} | {r['frontier']:.2f} | {', '.join(r['neighbours'])} | {per_seed} "
                              f"| {r['diff']:+.2f}{spread} | {r['diff_min']:+.2f} |")
     lines += ["", "Saturation: each family's best run (mean PSNR) and the lowest-rate run within 0.1 dB of it.", "",
               "| family | best run | its bits/pixel | its psnr (dB) | within 0.1 dB from | at bits/pixel |",
@@ -959,7 +962,7 @@ def rd_markdown(points: list) -> str:
     for family in families:
         s = saturation(points, family)
         lines.append(f"| {family} | {s['best']} | {s['best_rate']:.3f} | {s['best_psnr']:.2f} | "
-                     f"{'still rising at the largest size' if s['rising'] else s['saturates']} | "
+                     f"{'still rising at the highest rate measured' if s['rising'] else s['saturates']} | "
                      f"{'—' if s['rising'] else format(s['saturation_rate'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
