@@ -981,6 +981,9 @@ def figure_rate_distortion(plt, points: list, title: str = ""):
         xerr = [0 if p["bits_per_pixel_std"] != p["bits_per_pixel_std"] else p["bits_per_pixel_std"] for p in mine]
         yerr = [0 if p["psnr_std"] != p["psnr_std"] else p["psnr_std"] for p in mine]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, color=color, capsize=2, label=family)
+        for p in mine if family.startswith("ba_vq") else []:  # BA's points crowd at one rate: name them
+            ax.annotate(p["run"], (p["bits_per_pixel"], p["psnr"]), xytext=(-14, 0), textcoords="offset points",
+                        ha="right", va="center", fontsize=7, color=color)
         front = envelope(family_line(points, family))
         ax.plot([q[0] for q in front], [q[1] for q in front], "-", color=color, lw=1.2)
     ax.set_xlabel("rate: bits per pixel (validation codes under the training marginal)")
