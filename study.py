@@ -282,11 +282,12 @@ def sweep_runs(study_dir: Path) -> dict:
     return {r["name"]: r for r in json.loads(sweep.read_text())["runs"]} if sweep.is_file() else {}
 
 
-def summary_rows(study_dir) -> list[dict]:
+def summary_rows(study_dir, records: list | None = None) -> list[dict]:
     """One row per run of the study: settings, number of finished seeds, and each metric's mean
-    and std over those seeds (an unfinished run has seeds 0 and empty metrics)."""
+    and std over those seeds (an unfinished run has seeds 0 and empty metrics). `records`: the
+    study's read_study, when the caller has it."""
     study_dir = Path(study_dir)
-    records, runs = read_study(study_dir), sweep_runs(study_dir)
+    records, runs = read_study(study_dir) if records is None else records, sweep_runs(study_dir)
     rows = []
     for run in dict.fromkeys(r["run"] for r in records):
         finished = [r["final"] for r in records if r["run"] == run and r["final"] is not None]
@@ -340,13 +341,14 @@ def results_markdown(rows: list[dict], title: str) -> str:
 def summarize(study_dir) -> list[dict]:
     """Write <study_dir>/experiment_results.csv and results.md; returns the rows."""
     study_dir = Path(study_dir)
-    rows = summary_rows(study_dir)
+    records = read_study(study_dir)
+    rows = summary_rows(study_dir, records)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     vqvae.atomic_write_bytes(study_dir / "experiment_results.csv", table.getvalue().encode())
-    markdown = results_markdown(rows, f"Study {study_dir.name}") + rd_markdown(rd_points(read_study(study_dir)))
+    markdown = results_markdown(rows, f"Study {study_dir.name}") + rd_markdown(rd_points(records))
     vqvae.atomic_write_bytes(study_dir / "results.md", markdown.encode())
     print(markdown)
     print(f"wrote {study_dir / 'experiment_results.csv'} and {study_dir / 'results.md'}")
@@ -904,7 +906,7 @@ def matched_rate(points: list, family: str, against: str) -> list[dict]:
     difference psnr − frontier for every seed the run has, where `against`'s frontier of the same seed
     covers that rate. One row per run with at least one such seed: the seeds' differences, their mean,
     sample std and minimum, and the runs the frontier was interpolated between in any seed (by rate)."""
-    rows = []
+    rows, rate = [], {q["run"]: q["bits_per_pixel"] for q in points if q["family"] == against}
     for p in (q for q in points if q["family"] == family):
         diffs, neighbours, fronts = {}, {}, []
         for seed, final in sorted(p["per_seed"].items()):
@@ -915,7 +917,6 @@ def matched_rate(points: list, family: str, against: str) -> list[dict]:
                 neighbours.update(dict.fromkeys(found[1:]))  # in order of rate
         if diffs:
             mean, std = mean_std(list(diffs.values()))
-            rate = {q["run"]: q["bits_per_pixel"] for q in points if q["family"] == against}
             rows.append({"run": p["run"], "family": family, "against": against, "bits_per_pixel": p["bits_per_pixel"],
                          "psnr": p["psnr"], "frontier": sum(fronts) / len(fronts),
                          "neighbours": sorted(neighbours, key=rate.get),
@@ -943,8 +944,8 @@ def rd_markdown(points: list) -> str:
              "Each run against another family's frontier at the run's own rate (bits/pixel), seed by seed: the "
              "frontier is the upper envelope of that family's runs of the same seed, interpolated linearly "
              "between its two neighbouring runs (named; seeds may fall between different pairs). Δ = psnr − "
-             "frontier, dataset-level PSNR in [0,1] "
-             "pixels; mean ± sample std and the smallest Δ over the seeds compared.", "",
+             "frontier, dataset-level PSNR in [0,1] pixels; mean ± sample std and the smallest Δ over the seeds "
+             "compared.", "",
              "| run | against | seeds | bits/pixel | psnr (dB) | frontier (dB) | between | Δ per seed (dB) | Δ (dB) "
              "| min Δ (dB) |", "|---" * 10 + "|"]
     compared = [f for f in families if not f.startswith("vq_ema")]

@@ -806,7 +806,7 @@ def bf16_at_most(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor] = None, margin: float = 0.0,
-           max_share: float = 1.0):
+           max_share: float = 1.0, c2: Optional[torch.Tensor] = None):
     """The bf16 screen, by chunks of rows of z (N, D): yields (rows, r, k), the candidates (r the row
     within the chunk, k the code). Every code whose exact score
     s_k = 2 z·c_k − ‖c_k‖² + bias_k is within `margin` of its row's best is a candidate (a few others
@@ -822,9 +822,10 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
     - j = the code with the largest bf16 score (found through the maxima of K / ARGMAX_BLOCK blocks of
       ARGMAX_BLOCK codes), scored exactly in fp32. Only blocks whose maximum reaches the threshold are opened.
     Where a chunk's candidates are more than max_share of its N×K scores, yields (rows, None) and stops
-    (half the blocks opened is already too many): the caller's dense path is then the faster one."""
+    (half the blocks opened is already too many): the caller's dense path is then the faster one.
+    c2 = ‖c_k‖² (K,), when the caller has it."""
     N, K = z.shape[0], codebook.shape[0]
-    c2 = codebook.pow(2).sum(1)                                                            # (K,)
+    c2 = codebook.pow(2).sum(1) if c2 is None else c2                                      # (K,)
     b = torch.zeros_like(c2) if bias is None else bias.clamp_min(-1e30)  # a −inf bias: never a candidate
     column = -(1 - 2 * SCREEN_ALPHA) * c2 + b + 2 * SCREEN_ALPHA * b.abs()
     c_aug = torch.cat([codebook, column[:, None]], 1).bfloat16().t()                       # (D+1, K)
@@ -864,9 +865,10 @@ def nearest_code_screened(z: torch.Tensor, codebook: torch.Tensor, bias: Optiona
     exact up to ties within fp32 rounding. The candidates (one or two a row on a trained codebook) are
     scored in fp32 and the best wins, the lowest index among equals, as argmax does."""
     N, K = z.shape[0], codebook.shape[0]
-    score_bias = -codebook.pow(2).sum(1) if bias is None else bias - codebook.pow(2).sum(1)
+    c2 = codebook.pow(2).sum(1)
+    score_bias = -c2 if bias is None else bias - c2
     idx = torch.empty(N, dtype=torch.long, device=z.device)
-    for rows, r, k in screen(z, codebook, bias):
+    for rows, r, k in screen(z, codebook, bias, c2=c2):
         exact = 2 * (z[rows][r] * codebook[k]).sum(1) + score_bias[k]
         n = rows.stop - rows.start
         best = torch.full((n,), -math.inf, device=z.device).scatter_reduce_(0, r, exact, "amax")
@@ -1081,7 +1083,7 @@ def ba_screened_logits(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Ten
     if not (BA_SCREEN_TOL > 0 and screen_applies(z, codebook)):
         return None
     parts = []
-    for rows, *found in screen(z, codebook, log_q / beta, math.log(K / BA_SCREEN_TOL) / beta, BA_SCREEN_MAX_SHARE):
+    for rows, *found in screen(z, codebook, log_q / beta, math.log(K / BA_SCREEN_TOL) / beta, BA_SCREEN_MAX_SHARE, c2):
         if found[0] is None:
             return None
         r, k = found  # ba_logits at (r, k) with the distance in full: no cancellation of large terms
@@ -1189,11 +1191,12 @@ class BAEStep(torch.autograd.Function):
         g_q = torch.zeros_like(c2) if g_Q is None else g_Q / N
         for rows, r, k, p, win in ctx.parts or []:                             # the same sums over candidates
             n, c_k = rows.stop - rows.start, codebook[k]
-            a = g_q[k] if g_zq is None else (g_zq[rows][r] * c_k).sum(1) + g_q[k]
+            g_r = None if g_zq is None else g_zq[rows][r]
+            a = g_q[k] if g_r is None else (g_r * c_k).sum(1) + g_q[k]
             a -= a.new_zeros(n).index_put_((r[win],), a[win])[r]  # from the row's likeliest code's: a − Σp·a exact
             G = p * (a - a.new_zeros(n).index_add_(0, r, p * a)[r])
             g_z[rows] = g_z.new_zeros(n, z.shape[1]).index_add_(0, r, G[:, None] * c_k)
-            g_c.index_add_(0, k, 2 * beta * G[:, None] * z[rows][r] + (0 if g_zq is None else p[:, None] * g_zq[rows][r]))
+            g_c.index_add_(0, k, 2 * beta * G[:, None] * z[rows][r] + (0 if g_r is None else p[:, None] * g_r))
             g_logit_sum.index_add_(0, k, G)
         for i, rows in enumerate(row_chunks(z, codebook) if ctx.parts is None else []):
             z_c = z[rows]
@@ -1327,9 +1330,10 @@ class BAVQ(CodebookQuantizer):
     def prior_after_iterations(self, z: torch.Tensor, codebook: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """log Q after ba_iters − 1 E/M iterations on z (N, D), in the log domain, accumulated over row
         chunks. With grad, autograd records the iterations (gradient through every E/M step), else
-        they run without it, on the fast path through iteration_mass. Never screened: each M-step multiplies a code's share by its likelihood
-        ratio, so a share below the screen's tolerance can grow back (e^−33 to 3·10⁻⁴ in two
-        iterations at β = 3, in a test), and dropping it would move the fixed point."""
+        they run without it, on the fast path through iteration_mass. Never screened: each M-step
+        multiplies a code's share by its likelihood ratio, so a share below the screen's tolerance can
+        grow back (e^−33 to 3·10⁻⁴ in two iterations at β = 3, in a test), and dropping it would move
+        the fixed point."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             log_q, c2 = self.log_prior(), codebook.pow(2).sum(1)
             for _ in range(self.ba_iters - 1):

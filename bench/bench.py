@@ -325,9 +325,14 @@ def combine(results: list) -> dict:
     return out
 
 
+def held_beta(r) -> str:
+    """ " β=…" for a row whose BA ran with β held by --beta, else ""."""
+    return f" β={r['beta']:g}" if "beta" in r else ""
+
+
 def trainer(r) -> str:
     """The trainer of a row, with the β it was held at when --beta gave one."""
-    return r["impl"] + (f" β={r['beta']:g}" if "beta" in r else "")
+    return r["impl"] + held_beta(r)
 
 
 def format_row(r) -> str:
@@ -352,8 +357,7 @@ def compute_ratios(rows) -> list:
     for r in done:
         if r["impl"] != "ours":
             continue
-        name = f"{r['arch']} {r['quantizer']} iters={r['ba_iters']} K={r['K']} {r['precision']}" + (
-            f" β={r['beta']:g}" if "beta" in r else "")
+        name = f"{r['arch']} {r['quantizer']} iters={r['ba_iters']} K={r['K']} {r['precision']}{held_beta(r)}"
         if key(r) in seed:
             s = seed[key(r)]
             out.append({"what": f"{name} speed ours/seed_ref", "ratio": r["train_images_per_s"] / s["train_images_per_s"]})
