@@ -792,10 +792,14 @@ def native_bf16_matmul() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def screen_applies(z: torch.Tensor, codebook: torch.Tensor) -> bool:
+def screen_applies(z: torch.Tensor, codebook: torch.Tensor, fp32_pays: bool = False) -> bool:
+    """Whether screen() runs for z (N, D) against codebook (K, D): on a CPU, fp32, large K in whole blocks,
+    and native bf16 unless fp32_pays. Without native bf16 the screen scores in fp32, which costs what
+    the dense scores do: it pays for BA's E-step (it saves the exponentials and the soft sums) but not
+    for the nearest code."""
     K = codebook.shape[0]
     return (SCREEN_MIN_K > 0 and K >= SCREEN_MIN_K and K % ARGMAX_BLOCK == 0 and z.device.type == "cpu"
-            and z.dtype == codebook.dtype == torch.float32 and native_bf16_matmul())
+            and z.dtype == codebook.dtype == torch.float32 and (fp32_pays or native_bf16_matmul()))
 
 
 def bf16_at_most(x: torch.Tensor) -> torch.Tensor:
@@ -821,16 +825,24 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
       threshold rounded down to bf16 loses nothing;
     - j = the code with the largest bf16 score (found through the maxima of K / ARGMAX_BLOCK blocks of
       ARGMAX_BLOCK codes), scored exactly in fp32. Only blocks whose maximum reaches the threshold are opened.
+    Without native bf16 the same matmul runs in fp32 and its scores are compared as they are: with
+    u = 2⁻²⁴, ‖c_k‖² and the column are off by at most (D + 4)·u·(‖c_k‖² + 2|b_k|), the dot products (any
+    summation order; Higham's γ) by (D + 1)·u·Σ|terms|, which α = ε = 2(D + 4)·u (8·10⁻⁶ at D = 64) covers.
+    The threshold, s_j computed in fp32 on either path, is lowered by ε·(‖z‖² + 2‖c_j‖² + |b_j| + margin),
+    more than its own rounding.
     Where a chunk's candidates are more than max_share of its N×K scores, yields (rows, None) and stops
     (half the blocks opened is already too many): the caller's dense path is then the faster one.
     c2 = ‖c_k‖² (K,), when the caller has it."""
-    N, K = z.shape[0], codebook.shape[0]
+    (N, D), K = z.shape, codebook.shape[0]
+    bf16, fp32_eps = native_bf16_matmul(), 2 * (D + 4) * 2**-24
+    dtype, alpha = (torch.bfloat16, SCREEN_ALPHA) if bf16 else (torch.float32, fp32_eps)
     c2 = codebook.pow(2).sum(1) if c2 is None else c2                                      # (K,)
     b = torch.zeros_like(c2) if bias is None else bias.clamp_min(-1e30)  # a −inf bias: never a candidate
-    column = -(1 - 2 * SCREEN_ALPHA) * c2 + b + 2 * SCREEN_ALPHA * b.abs()
-    c_aug = torch.cat([codebook, column[:, None]], 1).bfloat16().t()                       # (D+1, K)
-    z_aug = torch.cat([2 * z, z.new_ones(N, 1)], 1).bfloat16()                             # (N, D+1)
-    slack = SCREEN_ALPHA * z.pow(2).sum(1) + margin                                        # (N,)
+    column = -(1 - 2 * alpha) * c2 + b + 2 * alpha * b.abs()
+    c_aug = torch.cat([codebook, column[:, None]], 1).to(dtype).t()                        # (D+1, K)
+    z_aug = torch.cat([2 * z, z.new_ones(N, 1)], 1).to(dtype)                              # (N, D+1)
+    z2 = z.pow(2).sum(1)                                                                   # (N,)
+    slack = alpha * z2 + margin
     step, B = max(MIN_CHUNK_ROWS, SCREEN_CHUNK_ELEMENTS // K), K // ARGMAX_BLOCK
     # block b holds codes b, b + B, b + 2B, …: a maximum across rows of B scores runs 5× faster in bf16
     # on a CPU than one along rows of 64 (vectorised along the contiguous axis)
@@ -838,11 +850,13 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
         rows = slice(start, min(start + step, N))
         zr = z[rows]
         n = zr.shape[0]
-        blocks = (z_aug[rows] @ c_aug).view(n, ARGMAX_BLOCK, B)                         # (n, 64, B) bf16
+        blocks = (z_aug[rows] @ c_aug).view(n, ARGMAX_BLOCK, B)                         # (n, 64, B)
         block_max = blocks.amax(1)                                                        # (n, B)
         best_block = block_max.float().argmax(1)
         j = blocks[torch.arange(n, device=z.device), :, best_block].float().argmax(1) * B + best_block
-        threshold = bf16_at_most(2 * (zr * codebook[j]).sum(1) - c2[j] + b[j] - slack[rows])  # (n,)
+        rounding = fp32_eps * (z2[rows] + 2 * c2[j] + b[j].abs() + margin)
+        threshold = 2 * (zr * codebook[j]).sum(1) - c2[j] + b[j] - slack[rows] - rounding   # (n,)
+        threshold = bf16_at_most(threshold) if bf16 else threshold
         opened = block_max >= threshold[:, None]                                         # blocks to open
         if max_share < 1 and opened.sum() > max(2 * max_share, 0.5) * opened.numel():
             yield rows, None
@@ -1080,7 +1094,7 @@ def ba_screened_logits(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Ten
     logits) by chunk of rows (r the row within the chunk, k the code), or None where the dense path is to
     run instead."""
     K = codebook.shape[0]
-    if not (BA_SCREEN_TOL > 0 and screen_applies(z, codebook)):
+    if not (BA_SCREEN_TOL > 0 and screen_applies(z, codebook, fp32_pays=True)):
         return None
     parts = []
     for rows, *found in screen(z, codebook, log_q / beta, math.log(K / BA_SCREEN_TOL) / beta, BA_SCREEN_MAX_SHARE, c2):

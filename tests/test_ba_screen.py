@@ -13,10 +13,12 @@ from conftest import tiny_config
 K, D, N = 2048, 16, 1500
 
 
-@pytest.fixture(autouse=True)
-def native_bf16(monkeypatch):
-    """The screen runs where bf16 dot products are native; bf16 matmuls give the same values on any CPU."""
-    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
+@pytest.fixture(autouse=True, params=[True, False], ids=["bf16 screen", "fp32 screen"])
+def native_bf16(monkeypatch, request):
+    """Every test with the screen in bf16 (where bf16 dot products are native; bf16 matmuls give the same
+    values on any CPU) and in fp32 (elsewhere)."""
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: request.param)
+    return request.param
 
 
 @functools.cache
@@ -120,8 +122,7 @@ def test_the_screen_steps_aside_where_the_sets_are_large_or_it_is_switched_off(m
     monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 0.0)
     assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is None
     monkeypatch.setattr(vqvae, "BA_SCREEN_TOL", 1e-7)
-    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: False)
-    assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is None
+    assert vqvae.ba_screened_logits(z.double(), codebook.double(), log_q.double(), 300.0, c2.double()) is None
 
 
 def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkeypatch):

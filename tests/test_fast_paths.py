@@ -329,10 +329,13 @@ def screen_cases():
     yield "offset", z + offset, torch.randn(2048, 64, generator=g) + offset
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16 screen", "fp32 screen"])
 @pytest.mark.parametrize("rows", [32, 300, 5000])
-def test_screened_nearest_code_is_the_exact_nearest_code(monkeypatch, rows):
-    """Wherever float64 separates the nearest code from the next by more than fp32 rounding, the bf16
-    screen returns it; elsewhere it returns a code as near as fp32 can tell."""
+def test_screened_nearest_code_is_the_exact_nearest_code(monkeypatch, rows, bf16):
+    """Wherever float64 separates the nearest code from the next by more than fp32 rounding, the
+    screen (in bf16 where it is native, else in fp32) returns it; elsewhere it returns a code as near
+    as fp32 can tell."""
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: bf16)
     monkeypatch.setattr(vqvae, "SCREEN_CHUNK_ELEMENTS", rows * 2048)
     monkeypatch.setattr(vqvae, "MIN_CHUNK_ROWS", 1)
     for name, z, codebook in screen_cases():
@@ -346,7 +349,9 @@ def test_screened_nearest_code_is_the_exact_nearest_code(monkeypatch, rows):
         assert (d.gather(1, got[:, None]).squeeze(1) - d.gather(1, exact[:, None]).squeeze(1) <= 1e-5 * scale).all(), name
 
 
-def test_screened_nearest_code_breaks_ties_to_the_lowest_index():
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16 screen", "fp32 screen"])
+def test_screened_nearest_code_breaks_ties_to_the_lowest_index(monkeypatch, bf16):
+    monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: bf16)
     g = torch.Generator().manual_seed(4)
     codebook = torch.randn(2048, 16, generator=g)
     codebook[1500] = codebook[40]   # exact duplicates: argmax's first maximum wins
@@ -364,6 +369,7 @@ def test_screen_applies_only_where_it_is_exact_and_pays(monkeypatch):
     assert not vqvae.screen_applies(z.double(), torch.randn(2048, 8).double())
     monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: False)
     assert not vqvae.screen_applies(z, torch.randn(2048, 8))          # bf16 would be slow here
+    assert vqvae.screen_applies(z, torch.randn(2048, 8), fp32_pays=True)  # BA's E-step: an fp32 screen
     monkeypatch.setattr(vqvae, "native_bf16_matmul", lambda: True)
     calls = []
     monkeypatch.setattr(vqvae, "nearest_code_screened", lambda z, c, bias=None: calls.append(bias) or torch.zeros(len(z), dtype=torch.long))
