@@ -9,7 +9,9 @@ written after the original design documents (any script taking `DATA --arch --qu
     python bench/bench.py --data path/to/cifar10-jpeg --seed_ref path/to/seed_ref.py   # with the reference
     python bench/bench.py --data path/to/cifar10-jpeg --arch small --K 16384 --ba_iters 1 --beta 1 100 \
         --set beta_units=relative ba_prior=running ba_output=hard_ste ba_codebook_update=ema \
-              entropy_weight=0 dead_code_threshold=0.03      # a run's settings, BA early and late in training
+              entropy_weight=0 dead_code_threshold=0.03      # a run's settings, β held, from a fresh k-means start
+    python bench/bench.py --data path/to/cifar10-jpeg --start_from experiments/S/vq_run/final_model.pt \
+        experiments/S/ba_run/final_model.pt --repeat 3  # late in training: each continues its trained state
 
 Every measurement runs in a fresh subprocess, one after the other, so its peak resident memory is
 its own (read from the kernel with wait4) and no two compete for the cores. Training images/s is
@@ -77,9 +79,13 @@ def measure_ours(args) -> dict:
     settings = vqvae.applicable(parse_settings(args.set), args.quantizer)
     if args.quantizer == "ba_vq":
         settings |= {"ba_iters": args.ba_iters} | ({"beta_start": args.beta[0], "beta_end": args.beta[0]} if args.beta else {})
-    cfg = vqvae.load_config(overrides=dict(
-        arch=args.arch, quantizer=args.quantizer, codebook_size=args.K, precision=args.precision,
-        batch_size=args.batch, device=args.device, kmeans_iters=0, compile=args.compile) | settings)
+    overrides = dict(batch_size=args.batch, device=args.device, compile=args.compile)
+    if args.start_from:  # a trained model's settings and state; its β stays where its run ended
+        saved = torch.load(args.start_from[0], map_location="cpu", weights_only=True)
+        cfg = vqvae.load_config(base=saved["config"], overrides=overrides)
+    else:
+        cfg = vqvae.load_config(overrides=overrides | settings | dict(
+            arch=args.arch, quantizer=args.quantizer, codebook_size=args.K, precision=args.precision, kmeans_iters=0))
     device = vqvae.pick_device(cfg.device)
     data = vqvae.np.load(args.data)
     x_train = vqvae.to_device_uint8(data["x_train"], device)
@@ -87,7 +93,10 @@ def measure_ours(args) -> dict:
     model = vqvae.build_model(cfg, device)
     optimizer = vqvae.make_optimizer(model, cfg)
     gen = torch.Generator(device=device).manual_seed(0)
-    vqvae.init_codebook_from_data(model, x_train, cfg, gen)
+    if args.start_from:
+        model.load_state_dict(saved["model"])
+    else:
+        vqvae.init_codebook_from_data(model, x_train, cfg, gen)
     perm = torch.randperm(len(x_train), generator=gen, device=device)
 
     def step(i):
@@ -96,6 +105,8 @@ def measure_ours(args) -> dict:
 
     images_per_s = images_per_second(step, device, args, cfg.batch_size)
     result = {"train_images_per_s": images_per_s}
+    if args.start_from:
+        result["quantizer_state"] = model.quantizer.log_values()  # e.g. BA's β, still where its run ended
     if args.K in args.eval_K:  # the whole validation set, timed against one epoch at this speed
         vqvae.evaluate(model, x_test[:cfg.eval_batch_size], cfg.eval_batch_size, cfg.precision)  # warm-up (compile)
         t0 = time.perf_counter()
@@ -191,6 +202,10 @@ def parse_args():
                          "e.g. --set beta_units=relative ba_prior=running dead_code_threshold=0.03")
     ap.add_argument("--beta", nargs="+", type=float, default=[],
                     help="also: our BA with β held at each value (beta_start = beta_end), one row each")
+    ap.add_argument("--start_from", nargs="+", default=[], metavar="MODEL",
+                    help="instead of the matrix: ours continuing from each trained model (a run's final_model.pt: "
+                         "its settings, weights, codebook, prior, σ and β as the run ended), one row each: step "
+                         "times late in training")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="at most this many timed steps per measurement of ours and the library")
     ap.add_argument("--seconds", type=float, default=15.0, help="stop timing ours and the library after about this long")
@@ -219,6 +234,17 @@ def plan(args, data: Path) -> list:
               "--warmup", str(args.warmup), "--seconds", str(args.seconds), "--device", args.device]
     slow_steps = lambda K: 30 if K <= 2048 else 10 if K <= 16384 else 4  # noqa: E731  seed_ref, library
     out = []
+    for path in args.start_from:
+        import torch
+
+        cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        row = {"arch": cfg["arch"], "quantizer": cfg["quantizer"], "K": cfg["codebook_size"], "impl": "ours",
+               "ba_iters": cfg["ba_iters"] if cfg["quantizer"] == "ba_vq" else 1, "precision": cfg["precision"],
+               "from": Path(path).parent.name}
+        out.append((row, [sys.executable, __file__, "--worker", "ours", "--start_from", str(path), "--arch", row["arch"],
+                          "--quantizer", row["quantizer"], "--K", str(row["K"]), "--steps", str(args.steps)] + common, None))
+    if args.start_from:
+        return out
     for arch in args.arch:
         for quantizer in args.quantizer:
             iters_list = args.ba_iters if quantizer == "ba_vq" else [1]
@@ -319,6 +345,8 @@ def combine(results: list) -> dict:
     out = {"train_images_per_s": statistics.median(r["train_images_per_s"] for r in done),
            "peak_rss_gib": max(r["peak_rss_gib"] for r in done),
            "rounds_images_per_s": [r["train_images_per_s"] for r in done]}
+    if "quantizer_state" in done[0]:
+        out["quantizer_state"] = done[0]["quantizer_state"]
     if "eval_over_epoch" in done[0]:
         out["eval_s"] = statistics.median(r["eval_s"] for r in done)
         out["eval_over_epoch"] = statistics.median(r["eval_over_epoch"] for r in done)
@@ -326,8 +354,8 @@ def combine(results: list) -> dict:
 
 
 def held_beta(r) -> str:
-    """ " β=…" for a row whose BA ran with β held by --beta, else ""."""
-    return f" β={r['beta']:g}" if "beta" in r else ""
+    """ " β=…" for a row whose BA ran with β held by --beta, " from RUN" for one that continued a trained model, else ""."""
+    return f" β={r['beta']:g}" if "beta" in r else f" from {r['from']}" if "from" in r else ""
 
 
 def trainer(r) -> str:
