@@ -193,7 +193,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="image folder with train/ and test/ (e.g. the CIFAR-10 JPEG copy) or an .npz")
     ap.add_argument("--arch", nargs="+", default=["small", "resnet"])
-    ap.add_argument("--quantizer", nargs="+", default=["vq_ema", "ba_vq"])
+    ap.add_argument("--quantizer", nargs="+", help="vq_ema and ba_vq by default; none beside --start_from unless named")
     ap.add_argument("--K", nargs="+", type=int, default=[512, 2048, 16384, 65536])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--ba_iters", nargs="+", type=int, default=[1, 5], help="BA iterations (beyond the first, small arch only)")
@@ -203,9 +203,9 @@ def parse_args():
     ap.add_argument("--beta", nargs="+", type=float, default=[],
                     help="also: our BA with β held at each value (beta_start = beta_end), one row each")
     ap.add_argument("--start_from", nargs="+", default=[], metavar="MODEL",
-                    help="instead of the matrix: ours continuing from each trained model (a run's final_model.pt: "
-                         "its settings, weights, codebook, prior, σ and β as the run ended), one row each: step "
-                         "times late in training")
+                    help="ours continuing from each trained model (a run's final_model.pt: its settings, weights, "
+                         "codebook, prior, σ and β as the run ended), one row each: step times late in training; "
+                         "the matrix runs beside them only for the quantizers named by --quantizer")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="at most this many timed steps per measurement of ours and the library")
     ap.add_argument("--seconds", type=float, default=15.0, help="stop timing ours and the library after about this long")
@@ -223,6 +223,8 @@ def parse_args():
     ap.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON as Markdown, and stop")
     ap.add_argument("--worker", choices=["ours", "library"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quantizer is None:
+        args.quantizer = [] if args.start_from else ["vq_ema", "ba_vq"]
     if not (args.data or args.report):
         ap.error("--data is required: the image folder (e.g. /tmp/cifar10-jpeg) or an .npz of x_train/x_test")
     return args
@@ -243,8 +245,6 @@ def plan(args, data: Path) -> list:
                "from": Path(path).parent.name}
         out.append((row, [sys.executable, __file__, "--worker", "ours", "--start_from", str(path), "--arch", row["arch"],
                           "--quantizer", row["quantizer"], "--K", str(row["K"]), "--steps", str(args.steps)] + common, None))
-    if args.start_from:
-        return out
     for arch in args.arch:
         for quantizer in args.quantizer:
             iters_list = args.ba_iters if quantizer == "ba_vq" else [1]
