@@ -92,6 +92,14 @@ MATRIX = [(case, beta, hard, ("z_q", "Q")) for case in ("spread", "kmeans", "col
 ONE_OUTPUT = [(case, 30.0, False, used) for case in ("kmeans", "running prior") for used in (("z_q",), ("Q",))]
 
 
+@functools.cache
+def dense_e_steps(case, beta, hard, used):
+    """The dense E-step in float64 and in fp32, made once for both screen precisions (neither screens)."""
+    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    return (e_step(z, codebook, log_q, beta, hard, screen_on=False, dtype=torch.float64, used=used),
+            e_step(z, codebook, log_q, beta, hard, screen_on=False, used=used))
+
+
 @pytest.mark.parametrize("case, beta, hard, used", MATRIX + ONE_OUTPUT)
 def test_screened_e_step_matches_the_dense_one_to_its_rounding(case, beta, hard, used):
     """Against float64 (dense), the screened fp32 values and gradients are as close as the dense fp32
@@ -99,8 +107,7 @@ def test_screened_e_step_matches_the_dense_one_to_its_rounding(case, beta, hard,
     scale) and what the dropped mass may move; a code the screen missed or a wrong sparse sum errs by
     the scale itself."""
     name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
-    truth, idx64 = e_step(z, codebook, log_q, beta, hard, screen_on=False, dtype=torch.float64, used=used)
-    dense, idx_dense = e_step(z, codebook, log_q, beta, hard, screen_on=False, used=used)
+    (truth, idx64), (dense, idx_dense) = dense_e_steps(case, beta, hard, used)
     screened, idx_screened = e_step(z, codebook, log_q, beta, hard, screen_on=True, used=used)
     for key, want in truth.items():
         scale = want.abs().max().item()
