@@ -43,6 +43,11 @@ def cases():
     return out
 
 
+def case_named(case):
+    """The (name, z, codebook, log_q) of cases() called `case`."""
+    return next(c for c in cases() if c[0] == case)
+
+
 def e_step(z, codebook, log_q, beta, hard, screen_on, dtype=torch.float32, used=("z_q", "Q")):
     """BAEStep's outputs and the gradients of a fixed random loss of z_q and Q (or only the `used` one), as float64."""
     z, codebook, log_q = (t.to(dtype).detach().requires_grad_() for t in (z, codebook, log_q))
@@ -67,7 +72,7 @@ def logits64(z, codebook, log_q, beta):
 @pytest.mark.parametrize("beta", [10.0, 300.0])
 @pytest.mark.parametrize("case", ["spread", "kmeans", "collapsed", "running prior"])
 def test_screen_keeps_every_code_within_the_margin_and_drops_at_most_the_tolerance(case, beta):
-    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    name, z, codebook, log_q = case_named(case)
     parts = vqvae.ba_screened_logits(z, codebook, log_q, beta, codebook.pow(2).sum(1))
     if parts is None:  # the sets were too large: nothing to check but that the dense path ran
         assert case == "collapsed" or beta == 10.0
@@ -95,7 +100,7 @@ ONE_OUTPUT = [(case, 30.0, False, used) for case in ("kmeans", "running prior") 
 @functools.cache
 def dense_e_steps(case, beta, hard, used):
     """The dense E-step in float64 and in fp32, made once for both screen precisions (neither screens)."""
-    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    _, z, codebook, log_q = case_named(case)
     return (e_step(z, codebook, log_q, beta, hard, screen_on=False, dtype=torch.float64, used=used),
             e_step(z, codebook, log_q, beta, hard, screen_on=False, used=used))
 
@@ -106,7 +111,7 @@ def test_screened_e_step_matches_the_dense_one_to_its_rounding(case, beta, hard,
     ones, within the spread of rounding (five times their error, a floor of 1e-6 of each quantity's
     scale) and what the dropped mass may move; a code the screen missed or a wrong sparse sum errs by
     the scale itself."""
-    name, z, codebook, log_q = next(c for c in cases() if c[0] == case)
+    name, z, codebook, log_q = case_named(case)
     (truth, idx64), (dense, idx_dense) = dense_e_steps(case, beta, hard, used)
     screened, idx_screened = e_step(z, codebook, log_q, beta, hard, screen_on=True, used=used)
     for key, want in truth.items():
@@ -121,7 +126,7 @@ def test_screened_e_step_matches_the_dense_one_to_its_rounding(case, beta, hard,
 
 
 def test_the_screen_steps_aside_where_the_sets_are_large_or_it_is_switched_off(monkeypatch):
-    _, z, codebook, log_q = next(c for c in cases() if c[0] == "kmeans")
+    _, z, codebook, log_q = case_named("kmeans")
     c2 = codebook.pow(2).sum(1)
     assert vqvae.ba_screened_logits(z, codebook, log_q, 0.01, c2) is None       # early, small β: every code counts
     assert vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2) is not None
@@ -139,7 +144,7 @@ def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkey
     screen on or off."""
     cfg = tiny_config(tmp_path, quantizer="ba_vq", codebook_size=K, latent_dim=D, ba_iters=4, ba_prior="running")
     quantizer = vqvae.make_quantizer(cfg)
-    _, z, codebook, log_q = next(c for c in cases() if c[0] == "running prior")
+    _, z, codebook, log_q = case_named("running prior")
     quantizer.prior.copy_(log_q.exp())
     quantizer.beta = 3.0
     after = {}
