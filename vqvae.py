@@ -830,8 +830,9 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
     summation order; Higham's γ) by (D + 1)·u·Σ|terms|, which α = ε = 2(D + 4)·u (8·10⁻⁶ at D = 64) covers.
     The threshold, s_j computed in fp32 on either path, is lowered by ε·(‖z‖² + 2‖c_j‖² + |b_j| + margin),
     more than its own rounding.
-    Where a chunk's candidates are more than max_share of its N×K scores, yields (rows, None) and stops
-    (half the blocks opened is already too many): the caller's dense path is then the faster one.
+    Where the candidates so far are more than max_share of the scores screened so far (or a chunk opens
+    half its blocks), yields (rows, None) and stops: the caller's dense path is then the faster one. The
+    share is the batch's, not each chunk's: a few crowded chunks in a sparse batch stay sparse.
     c2 = ‖c_k‖² (K,), when the caller has it."""
     (N, D), K = z.shape, codebook.shape[0]
     bf16, fp32_eps = native_bf16_matmul(), 2 * (D + 4) * 2**-24
@@ -843,7 +844,7 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
     z_aug = torch.cat([2 * z, z.new_ones(N, 1)], 1).to(dtype)                              # (N, D+1)
     z2 = z.pow(2).sum(1)                                                                   # (N,)
     slack = alpha * z2 + margin
-    step, B = max(MIN_CHUNK_ROWS, SCREEN_CHUNK_ELEMENTS // K), K // ARGMAX_BLOCK
+    step, B, found = max(MIN_CHUNK_ROWS, SCREEN_CHUNK_ELEMENTS // K), K // ARGMAX_BLOCK, 0
     # block b holds codes b, b + B, b + 2B, …: a maximum across rows of B scores runs 5× faster in bf16
     # on a CPU than one along rows of 64 (vectorised along the contiguous axis)
     for start in range(0, N, step):
@@ -868,7 +869,8 @@ def screen(z: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor]
             row, block = opened.nonzero(as_tuple=True)
             hit, offset = (blocks[row, :, block] >= threshold[row, None]).nonzero(as_tuple=True)
             r, k = row[hit], offset * B + block[hit]
-        if r.numel() > max_share * n * K:
+        found += r.numel()
+        if found > max_share * rows.stop * K:
             yield rows, None
             return
         yield rows, r, k

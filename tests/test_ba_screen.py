@@ -137,6 +137,24 @@ def test_the_screen_steps_aside_where_the_sets_are_large_or_it_is_switched_off(m
     assert vqvae.ba_screened_logits(z.double(), codebook.double(), log_q.double(), 300.0, c2.double()) is None
 
 
+def test_a_crowded_chunk_in_a_sparse_batch_stays_sparse(monkeypatch):
+    """The dense fallback is decided on the candidates of the batch so far, not chunk by chunk: 300 latents
+    on codes of their own (one candidate each) then 100 on a cluster of 16 codes (16 each) stay sparse,
+    although their chunk alone is over the share; the crowded rows first send the batch dense at once."""
+    monkeypatch.setattr(vqvae, "SCREEN_CHUNK_ELEMENTS", 100 * K)                     # chunks of 100 rows
+    g = torch.Generator().manual_seed(3)
+    codebook = 3 * torch.randn(K, D, generator=g)
+    centre = 3 * torch.randn(D, generator=g)
+    codebook[:16] = centre + 1e-3 * torch.randn(16, D, generator=g)
+    z = torch.cat([codebook[16:316], centre.repeat(100, 1)])
+    log_q, c2, share = torch.full((K,), -math.log(K)), codebook.pow(2).sum(1), vqvae.BA_SCREEN_MAX_SHARE
+    parts = vqvae.ba_screened_logits(z, codebook, log_q, 300.0, c2)
+    assert parts is not None and [p[0].start for p in parts] == [0, 100, 200, 300]
+    assert [p[1].numel() for p in parts] == [100, 100, 100, 1600]
+    assert parts[-1][1].numel() > share * 100 * K > sum(p[1].numel() for p in parts) / 4
+    assert vqvae.ba_screened_logits(z.flip(0), codebook, log_q, 300.0, c2) is None
+
+
 def test_the_iterations_before_the_last_e_step_are_not_screened(tmp_path, monkeypatch):
     """BA's M-step multiplies a code's share by its likelihood ratio: here a code that the screen
     would drop from the first iteration (its share at the floor) is at e^−30 or less after it and
