@@ -10,8 +10,8 @@ written after the original design documents (any script taking `DATA --arch --qu
     python bench/bench.py --data path/to/cifar10-jpeg --arch small --K 16384 --ba_iters 1 --beta 1 100 \
         --set beta_units=relative ba_prior=running ba_output=hard_ste ba_codebook_update=ema \
               entropy_weight=0 dead_code_threshold=0.03      # a run's settings, β held, from a fresh k-means start
-    python bench/bench.py --data path/to/cifar10-jpeg --start_from experiments/S/vq_run/final_model.pt \
-        experiments/S/ba_run/final_model.pt --repeat 3  # late in training: each continues its trained state
+    python bench/bench.py --data path/to/cifar10-jpeg --start_from experiments/S/vq_run/last.pt \
+        experiments/S/ba_run/last.pt --repeat 3  # late in training: each run goes on, optimizer state and all
 
 Every measurement runs in a fresh subprocess, one after the other, so its peak resident memory is
 its own (read from the kernel with wait4) and no two compete for the cores. Training images/s is
@@ -69,6 +69,17 @@ def parse_settings(pairs: list) -> dict:
     return out
 
 
+def read_trained(path) -> dict:
+    """A run's final_model.pt, read weights-only, or its last.pt (optimizer state too), whose RNG states
+    need a full unpickle: pass last.pt of your own runs only."""
+    import torch
+
+    import vqvae
+
+    path = Path(path)
+    return vqvae.load_checkpoint(path) if path.name == "last.pt" else torch.load(path, map_location="cpu", weights_only=True)
+
+
 def measure_ours(args) -> dict:
     import torch
 
@@ -81,7 +92,7 @@ def measure_ours(args) -> dict:
         settings |= {"ba_iters": args.ba_iters} | ({"beta_start": args.beta[0], "beta_end": args.beta[0]} if args.beta else {})
     overrides = dict(batch_size=args.batch, device=args.device, compile=args.compile)
     if args.start_from:  # a trained model's settings and state; its β stays where its run ended
-        saved = torch.load(args.start_from[0], map_location="cpu", weights_only=True)
+        saved = read_trained(args.start_from[0])
         cfg = vqvae.load_config(base=saved["config"], overrides=overrides)
     else:
         cfg = vqvae.load_config(overrides=overrides | settings | dict(
@@ -95,6 +106,8 @@ def measure_ours(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     if args.start_from:
         model.load_state_dict(saved["model"])
+        if "optimizer" in saved:  # a run's last.pt: AdamW's moments go on too, as in the run itself
+            optimizer.load_state_dict(saved["optimizer"])
     else:
         vqvae.init_codebook_from_data(model, x_train, cfg, gen)
     perm = torch.randperm(len(x_train), generator=gen, device=device)
@@ -107,6 +120,7 @@ def measure_ours(args) -> dict:
     result = {"train_images_per_s": images_per_s}
     if args.start_from:
         result["quantizer_state"] = model.quantizer.log_values()  # e.g. BA's β, still where its run ended
+        result["continues_optimizer"] = "optimizer" in saved
     if args.K in args.eval_K:  # the whole validation set, timed against one epoch at this speed
         vqvae.evaluate(model, x_test[:cfg.eval_batch_size], cfg.eval_batch_size, cfg.precision)  # warm-up (compile)
         t0 = time.perf_counter()
@@ -204,7 +218,8 @@ def parse_args():
                     help="also: our BA with β held at each value (beta_start = beta_end), one row each")
     ap.add_argument("--start_from", nargs="+", default=[], metavar="MODEL",
                     help="ours continuing from each trained model (a run's final_model.pt: its settings, weights, "
-                         "codebook, prior, σ and β as the run ended), one row each: step times late in training; "
+                         "codebook, prior, σ and β as the run ended; its last.pt: the optimizer's state too, as the "
+                         "run would go on), one row each: step times late in training; "
                          "the matrix runs beside them only for the quantizers named by --quantizer")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="at most this many timed steps per measurement of ours and the library")
@@ -237,9 +252,7 @@ def plan(args, data: Path) -> list:
     slow_steps = lambda K: 30 if K <= 2048 else 10 if K <= 16384 else 4  # noqa: E731  seed_ref, library
     out = []
     for path in args.start_from:
-        import torch
-
-        cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        cfg = read_trained(path)["config"]
         row = {"arch": cfg["arch"], "quantizer": cfg["quantizer"], "K": cfg["codebook_size"], "impl": "ours",
                "ba_iters": cfg["ba_iters"] if cfg["quantizer"] == "ba_vq" else 1, "precision": cfg["precision"],
                "from": Path(path).parent.name}
@@ -345,8 +358,9 @@ def combine(results: list) -> dict:
     out = {"train_images_per_s": statistics.median(r["train_images_per_s"] for r in done),
            "peak_rss_gib": max(r["peak_rss_gib"] for r in done),
            "rounds_images_per_s": [r["train_images_per_s"] for r in done]}
-    if "quantizer_state" in done[0]:
-        out["quantizer_state"] = done[0]["quantizer_state"]
+    for key in ("quantizer_state", "continues_optimizer"):  # rows continuing a trained run
+        if key in done[0]:
+            out[key] = done[0][key]
     if "eval_over_epoch" in done[0]:
         out["eval_s"] = statistics.median(r["eval_s"] for r in done)
         out["eval_over_epoch"] = statistics.median(r["eval_over_epoch"] for r in done)

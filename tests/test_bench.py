@@ -89,15 +89,16 @@ def test_settings_reach_the_quantizers_they_apply_to_and_beta_makes_a_row_each(t
 
 
 def test_start_from_continues_trained_models_with_their_settings_and_state(tmp_path):
-    """Late-training step times: each row continues a run's final_model.pt with that run's settings, and
-    BA's β stays at the value its schedule ended on (not beta_start); the pair gives the BA/VQ ratio."""
+    """Late-training step times: each row continues a run's final_model.pt (or its last.pt, optimizer state
+    and all) with that run's settings, and BA's β stays at the value its schedule ended on (not
+    beta_start); the pair gives the BA/VQ ratio."""
     from conftest import tiny_config
 
     models = []
     for name, quantizer, extra in (("vq", "vq_ema", {}), ("ba", "ba_vq", dict(beta_start=1.0, beta_end=7.0, ba_prior="running"))):
         cfg = tiny_config(tmp_path, quantizer=quantizer, name=name, codebook_size=64, max_steps=3, **extra)
         vqvae.train(cfg)
-        models.append(str(vqvae.run_dir_of(cfg) / "final_model.pt"))
+        models.append(str(vqvae.run_dir_of(cfg) / ("final_model.pt" if name == "vq" else "last.pt")))
     data = tmp_path / "data.npz"
     np.savez(data, x_train=vqvae.make_synthetic(256, seed=0), x_test=vqvae.make_synthetic(64, seed=1))
     out = tmp_path / "results.json"
@@ -107,6 +108,7 @@ def test_start_from_continues_trained_models_with_their_settings_and_state(tmp_p
     result = json.loads(out.read_text())
     assert [(r["quantizer"], r["K"], r["from"]) for r in result["rows"]] == [("vq_ema", 64, "vq"), ("ba_vq", 64, "ba")]
     assert result["rows"][1]["quantizer_state"] == {"beta": 7.0}
+    assert [r["continues_optimizer"] for r in result["rows"]] == [False, True]
     whats = {r["what"] for r in result["ratios"]}
     assert "small ba_vq iters=1 K=64 fp32 from ba step time ba_vq/vq_ema" in whats
 
