@@ -1667,17 +1667,24 @@ def load_checkpoint(path: Path) -> dict:
     raise VQVAEError(f"cannot read checkpoint {path} ({reason}){hint}")
 
 
+def read_model_state(path, trusted: bool = False) -> dict:
+    """The saved state of a trained model: final_model.pt read weights-only (no code can run: a shared
+    model is safe to open); with trusted=True a full checkpoint such as last.pt (its RNG states need a
+    full unpickle: your own runs only), optimizer state included."""
+    path = Path(path)
+    if trusted:
+        return load_checkpoint(path)
+    state, reason = _read_checkpoint(path, weights_only=True)
+    if state is None:
+        raise VQVAEError(f"cannot read {path} weights-only ({reason}); if it is a full checkpoint you made "
+                         f"yourself, load it with load_model(path, trusted=True)")
+    return state
+
+
 def load_model(path, device="cpu", trusted: bool = False) -> VQVAE:
     """A trained model from final_model.pt, in eval mode, read weights-only (no code can run: a shared
     model is safe to open). last.pt holds RNG states that need a full unpickle: trusted=True for your own."""
-    path = Path(path)
-    if trusted:
-        state = load_checkpoint(path)
-    else:
-        state, reason = _read_checkpoint(path, weights_only=True)
-        if state is None:
-            raise VQVAEError(f"cannot read {path} weights-only ({reason}); if it is a full checkpoint you made "
-                             f"yourself, load it with load_model(path, trusted=True)")
+    state = read_model_state(path, trusted)
     model = VQVAE(load_config(base=state["config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -70,14 +70,11 @@ def parse_settings(pairs: list) -> dict:
 
 
 def read_trained(path) -> dict:
-    """A run's final_model.pt, read weights-only, or its last.pt (optimizer state too), whose RNG states
-    need a full unpickle: pass last.pt of your own runs only."""
-    import torch
-
+    """A run's final_model.pt, read weights-only, or its last.pt (optimizer state too), which needs a full
+    unpickle: pass last.pt of your own runs only."""
     import vqvae
 
-    path = Path(path)
-    return vqvae.load_checkpoint(path) if path.name == "last.pt" else torch.load(path, map_location="cpu", weights_only=True)
+    return vqvae.read_model_state(path, trusted=Path(path).name == "last.pt")
 
 
 def measure_ours(args) -> dict:
