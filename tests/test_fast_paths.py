@@ -287,6 +287,16 @@ def test_blockwise_argmax_equals_argmax_including_ties(K):
     assert torch.equal(vqvae.argmax_rows(scores), scores.argmax(1))
 
 
+@pytest.mark.parametrize("K", [64, 512, 16384, 100])
+def test_blockwise_argmax_over_columns_equals_argmax_including_ties(K):
+    torch.manual_seed(9)
+    scores = torch.randint(0, 5, (K, 300)).float()  # codes first: the lowest code among equals must win
+    scores[:, 7] = 0.0                              # a column that is all ties
+    assert torch.equal(vqvae.argmax_columns(scores), scores.argmax(0))
+    scores = torch.randn(K, 300)
+    assert torch.equal(vqvae.argmax_columns(scores), scores.argmax(0))
+
+
 def test_nearest_code_with_bias_over_many_chunks_equals_the_full_matrix(monkeypatch):
     set_chunk_rows(monkeypatch, 3, 128)  # many chunks
     z, codebook = torch.randn(1000, 8, dtype=torch.float64), torch.randn(128, 8, dtype=torch.float64)
