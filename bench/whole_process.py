@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
 
-def cpu_name() -> str:
-    """The CPU's name, as bench.py reports it."""
+def bench_module():
+    """bench.py, for the machine facts it records (CPU name, commit)."""
     spec = importlib.util.spec_from_file_location("bench_matrix", ROOT / "bench" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module._cpu_name()
+    return module
 
 
 def parse_case(text: str) -> dict:
@@ -174,8 +174,10 @@ def main():
 
     for split in ("train", "test"):  # fill ours' decode cache before any timing
         vqvae.load_image_folder(args.data, split)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
+    bench = bench_module()
+    machine = {"cpu": bench._cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+               "commit": bench._commit()}
     print(f"machine: {machine}", flush=True)
     rounds = []
     with tempfile.TemporaryDirectory() as out_dir:
