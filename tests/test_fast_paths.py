@@ -395,3 +395,20 @@ def test_bf16_at_most_rounds_down():
     assert down.dtype == torch.bfloat16 and (down.float() <= x).all()
     up = torch.nextafter(down, torch.full_like(down, float("inf")))
     assert (up.float() > x).all()  # and it is the largest such value
+
+
+@pytest.mark.parametrize("shape", [(300, 64, 512), (5, 256, 2048), (1, 3, 1)])
+def test_mm_is_an_fp32_product_whichever_library_runs_it(shape):
+    torch.manual_seed(10)
+    M, K, N = shape
+    a, b = torch.randn(M, K), torch.randn(K, N)
+    exact = a.double() @ b.double()
+    scale = a.abs().double() @ b.abs().double()  # Σ|terms|: fp32 summation error is a small multiple of K·u of it
+    for left, right in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):  # strided operands too
+        assert ((vqvae.mm(left, right).double() - exact).abs() <= 2 * K * 2**-24 * scale + 1e-30).all()
+
+
+def test_mm_under_autograd_gives_gradients():
+    a, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5)
+    vqvae.mm(a, b).sum().backward()
+    assert torch.allclose(a.grad, b.sum(1).expand(4, 3))
