@@ -743,14 +743,15 @@ ONEDNN_MM = True
 
 
 @functools.cache
-def onednn_mm_applies() -> bool:
-    return (ONEDNN_MM and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_mm_available() -> bool:
+    """Whether this PyTorch has oneDNN's fp32 linear operator and this CPU runs AVX-512 code."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a (M, K), b (K, N) → (M, N); through oneDNN for fp32 on an AVX-512 CPU outside autograd."""
-    if (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and onednn_mm_applies()
+    if (ONEDNN_MM and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and onednn_mm_available()
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return a @ b
@@ -1186,9 +1187,10 @@ def ba_e_step(z: torch.Tensor, codebook: torch.Tensor, log_q: torch.Tensor, beta
 class BAEStep(torch.autograd.Function):
     """ba_e_step with a hand-derived backward, in row chunks (same values and gradients, tested; faster,
     less memory). p is kept for backward when N·K ≤ KEEP_ELEMENTS, else recomputed chunk by chunk, so no
-    N×K matrix is ever whole at large K. The dense chunks hold logits and p codes first, (K, n): on a CPU
-    the product C·zᵀ runs 1.3–2× faster than z·Cᵀ at K ≥ 2048 (a resnet E-step 13% faster). For logits = log Q(k) − β‖z − c_k‖², with a = dL/dp =
-    g_zq·Cᵀ + g_Q/N and G = dL/dlogits = p ⊙ (a − Σ_k p·a):
+    N×K matrix is ever whole at large K. The dense chunks hold logits and p codes first, (K, n): with
+    MKL the product C·zᵀ ran 1.3–2× faster than z·Cᵀ at K ≥ 2048, and their products go through mm.
+    For logits = log Q(k) − β‖z − c_k‖², with a = dL/dp = g_zq·Cᵀ + g_Q/N and G = dL/dlogits =
+    p ⊙ (a − Σ_k p·a):
       dL/dz = 2β·G·C,   dL/dC = pᵀ·g_zq + 2β·Gᵀ·z − 2β·C ⊙ Σ_n G,   dL/dlog Q = Σ_n G."""
 
     @staticmethod
