@@ -737,7 +737,7 @@ KEEP_ELEMENTS = 2**24
 
 # fp32 matrix products on a CPU: PyTorch sends them to MKL, which on AMD CPUs runs its AVX2 code, while
 # oneDNN (PyTorch's other CPU library, the one its convolutions run on) uses AVX-512 there, in the same
-# IEEE fp32 (errors as MKL's, against float64, in a test). On a Zen 5 EPYC that doubled the rate of an
+# IEEE fp32 (a test bounds its error against float64). On a Zen 5 EPYC that doubled the rate of an
 # E-step's N×K products. ONEDNN_MM = False sends every product to torch.mm.
 ONEDNN_MM = True
 
