@@ -115,4 +115,5 @@ if __name__ == "__main__":
     # setting; threads started earlier would not): BA's p(k|e) at small β holds many values under
     # 1e-38, and x86 arithmetic on them is several times slower. Values that small change no result.
     torch.set_flush_denormal(True)
+    vqvae.keep_freed_memory()  # freed tensors stay with the process for the next step: no page faults
     sys.exit(main())

@@ -296,7 +296,10 @@ def main():
         if args.worker == "ours":
             import torch
 
+            import vqvae
+
             torch.set_flush_denormal(True)  # as train.py runs, before any thread pool starts
+            vqvae.keep_freed_memory()       # as train.py runs
         one = {"ours": measure_ours, "library": measure_library}[args.worker]
         args.arch, args.quantizer, args.K = args.arch[0], args.quantizer[0], args.K[0]
         args.precision, args.ba_iters = args.precision[0], args.ba_iters[0]

@@ -1,6 +1,10 @@
 """Every fast path keeps the exact semantics of the plain computation it replaces."""
 import copy
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,3 +435,30 @@ def test_ba_e_step_gives_the_same_values_and_gradients_with_the_onednn_products_
     assert torch.equal(on[2], off[2])
     for a, b in zip(on[:2] + on[3:], off[:2] + off[3:]):  # fp32 sums in another order: within 10⁻⁵ of the scale
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+FAULTS_OF_REUSED_BLOCKS = """
+import resource, sys
+import torch
+import vqvae
+kept = vqvae.keep_freed_memory() if sys.argv[1] == "keep" else False
+for _ in range(2):  # 48 MiB, above the 32 MiB to which glibc raises its own threshold; freed at once
+    torch.ones(12 * 2**20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(12 * 2**20)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_blocks_are_reused_without_page_faults_once_kept():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_REUSED_BLOCKS, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(vqvae.__file__).parent).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    pages = 10 * 48 * 2**20 // 4096
+    kept, kept_faults = faults("keep")
+    assert kept and kept_faults < pages / 20    # the freed block is the next one: no new pages
+    assert faults("default")[1] > pages / 2     # glibc alone hands each one back and faults it in anew
