@@ -313,9 +313,7 @@ def main():
         data = Path(tmp.name)
     import torch
 
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-               "commit": _commit()}
+    machine = machine_facts() | {"device": args.device}
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     print(f"machine: {machine}\n" + HEADER, flush=True)
@@ -476,6 +474,14 @@ def _cpu_name() -> str:
     flags = facts.get("flags", "").split()
     bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "no native bf16"
     return f"{facts.get('model name', '?')} (CPU family {facts.get('cpu family', '?')}, {bf16})"
+
+
+def machine_facts() -> dict:
+    """What a result file records about where and how it was measured."""
+    import torch
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "commit": _commit()}
 
 
 def _commit() -> str:

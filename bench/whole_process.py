@@ -168,16 +168,11 @@ def main():
     args = ap.parse_args()
     cases = args.case or [parse_case("vq_ema:16384"), parse_case("ba_vq:512:1")]
 
-    import torch
-
     import vqvae
 
     for split in ("train", "test"):  # fill ours' decode cache before any timing
         vqvae.load_image_folder(args.data, split)
-    bench = bench_module()
-    machine = {"cpu": bench._cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-               "commit": bench._commit()}
+    machine = bench_module().machine_facts()
     print(f"machine: {machine}", flush=True)
     rounds = []
     with tempfile.TemporaryDirectory() as out_dir:

@@ -178,3 +178,21 @@ def test_whole_process_benchmark_runs_end_to_end(tmp_path):
     for row in result["rows"]:
         assert set(row["ours_seconds"]) == set(vqvae.PHASES) | {"outside_train"}
         assert row["ratio"] == pytest.approx(row["seed_ref_wall_s"] / row["ours_wall_s"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="keep_freed_memory acts under Linux with glibc")
+def test_page_fault_benchmark_runs_both_mallocs_end_to_end(tmp_path):
+    from test_data import write_image
+
+    for i in range(16):
+        write_image(tmp_path / "imgs" / "train" / f"{i}.png")
+    out = tmp_path / "pf.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "page_faults.py"), "--data", str(tmp_path / "imgs"),
+                    "--K", "16", "--batch", "4", "--warmup", "1", "--steps", "2", "--rounds", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert [(r["round"], r["malloc"]) for r in result["rounds"]] == [(0, "glibc"), (0, "kept"), (1, "glibc"), (1, "kept")]
+    assert all(r["s_per_step"] > 0 and r["faults_per_step"] >= 0 and r["peak_rss_gib"] > 0 for r in result["rounds"])
+    glibc, kept = ([r["s_per_step"] for r in result["rounds"] if r["malloc"] == m] for m in ("glibc", "kept"))
+    assert result["summary"]["ratios"] == pytest.approx([g / k for g, k in zip(glibc, kept)])
+    assert result["machine"]["commit"]
