@@ -111,11 +111,12 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# glibc's malloc hands freed memory back to the kernel (mmap'd blocks, and the top of its heap past a
-# trim threshold that follows the largest block freed), so a training step's tensors of a few MiB are
-# new pages every step, each one faulted in and zeroed by the kernel: at K = 512 about 10,000 page
-# faults a step, 15–25% of a CPU step in a virtual machine. Blocks up to KEPT_BLOCK_BYTES come from the
-# heap and up to KEPT_FREE_BYTES of freed memory stay with the process; peak memory is unchanged.
+# glibc's malloc hands freed memory back to the kernel (mmap'd blocks, and the top of its heap beyond
+# twice the largest mmap'd block freed so far), so a training step's tensors of a few MiB are new
+# pages every step, each one faulted in and zeroed by the kernel: about 10,000 page faults a step
+# of the small model at K = 512, which made it 1.25× slower on a 2-core virtual machine
+# (bench/page_faults.py). Blocks up to KEPT_BLOCK_BYTES come from the heap and up to KEPT_FREE_BYTES of
+# freed memory stay with the process; peak memory is unchanged.
 KEPT_BLOCK_BYTES = 64 * 2**20
 KEPT_FREE_BYTES = 2**30
 
