@@ -121,10 +121,15 @@ KEPT_BLOCK_BYTES = 64 * 2**20
 KEPT_FREE_BYTES = 2**30
 
 
+def glibc_malloc() -> bool:
+    """Whether this process allocates through glibc's malloc under Linux, the one keep_freed_memory tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next step (mallopt M_MMAP_THRESHOLD and
     M_TRIM_THRESHOLD, process-wide); whether it did: False off Linux or with another C library."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return False
     import ctypes
 

@@ -1,7 +1,6 @@
 """bench/bench.py: the ratios it reports, and a tiny end-to-end run on generated data."""
 import importlib.util
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -181,7 +180,7 @@ def test_whole_process_benchmark_runs_end_to_end(tmp_path):
         assert row["ratio"] == pytest.approx(row["seed_ref_wall_s"] / row["ours_wall_s"])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(not vqvae.glibc_malloc(), reason="glibc's malloc only")
 def test_page_fault_benchmark_runs_both_mallocs_end_to_end(tmp_path):
     from test_data import write_image
 

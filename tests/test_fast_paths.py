@@ -1,6 +1,5 @@
 """Every fast path keeps the exact semantics of the plain computation it replaces."""
 import copy
-import platform
 import shutil
 import subprocess
 import sys
@@ -451,7 +450,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(not vqvae.glibc_malloc(), reason="glibc's malloc only")
 def test_freed_blocks_are_reused_without_page_faults_once_kept():
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", FAULTS_OF_REUSED_BLOCKS, mode], capture_output=True, text=True,
