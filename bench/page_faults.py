@@ -74,6 +74,8 @@ def main():
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    machine = bench_module().machine_facts()  # as the other benchmarks record it, before the first child
+    print(f"machine: {machine}", flush=True)
     cmd = [sys.executable, __file__, "--data", str(args.data), "--arch", args.arch, "--quantizer", args.quantizer,
            "--K", str(args.K), "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     rounds = []
@@ -94,7 +96,7 @@ def main():
         print(f"| {m} | {s['s_per_step']:.3f} | {s['faults_per_step']:.0f} | {s['peak_rss_gib']:.2f} |")
     print(f"glibc / kept per round: {', '.join(f'{x:.2f}' for x in ratios)} (median {summary['ratio']:.2f})")
     if args.out:
-        args.out.write_text(json.dumps({"machine": bench_module().machine_facts(), "args": {k: str(v) for k, v in vars(args).items()},
+        args.out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                         "rounds": rounds, "summary": summary}, indent=1) + "\n")
         print(f"wrote {args.out}")
 
